@@ -1,0 +1,179 @@
+"""Softmax-family attention: causal/bidirectional, positions, segment ids, GQA, key bias, signed (Cog).
+
+Public entry: `attention`. Implementations (`impl`):
+  "reference": `ops.attention.reference`, materialised f32 logits, the test oracle.
+  "xla":       `ops.attention.xla`, blockwise flash-style forward and custom-VJP backward in pure JAX.
+  "pallas":    not implemented yet (raises NotImplementedError).
+"""
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from ops.attention import reference
+from ops.attention import xla
+from ops.attention.block_sizes import BlockSizes
+
+__all__ = ["attention", "BlockSizes", "IMPLEMENTATIONS"]
+
+
+def _pallas_not_implemented(*args, **kwargs):
+  del args, kwargs
+  raise NotImplementedError(
+      "ops.attention impl='pallas' is not implemented yet; use impl='xla' or 'reference'.")
+
+
+def _reference(q, k, v, *, block_sizes, interpret, **kwargs):
+  del block_sizes, interpret  # The oracle has no tiling.
+  return reference.attention(q, k, v, **kwargs)
+
+
+def _xla(q, k, v, *, interpret, **kwargs):
+  del interpret  # Only meaningful for Pallas kernels.
+  return xla.attention(q, k, v, **kwargs)
+
+
+# impl name -> callable taking canonical arguments (see `attention`). Adding Pallas is one entry here
+# (plus, when it should be the default somewhere, one entry in _DEFAULT_IMPL).
+IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
+    "reference": _reference,
+    "xla": _xla,
+    "pallas": _pallas_not_implemented,
+}
+
+# Best available implementation per jax.default_backend(); anything not listed uses "xla".
+_DEFAULT_IMPL: dict[str, str] = {"cpu": "xla", "gpu": "xla", "tpu": "xla"}
+
+
+def _resolve_impl(impl: str | None) -> str:
+  if impl is None or impl == "":  # "" is the config spelling of "best available"
+    return _DEFAULT_IMPL.get(jax.default_backend(), "xla")
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f"Unknown attention impl {impl!r}; valid values are None, "
+                     f"{', '.join(repr(name) for name in IMPLEMENTATIONS)}.")
+  return impl
+
+
+def _int_array(name: str, x: Any, shape: tuple[int, ...]) -> jax.Array:
+  """Validates an integer [B, L] array (a [L] array is broadcast over the batch)."""
+  x = jnp.asarray(x)
+  if x.ndim == 1 and x.shape[0] == shape[1]:
+    x = jnp.broadcast_to(x, shape)
+  if x.shape != shape or not jnp.issubdtype(x.dtype, jnp.integer):
+    raise ValueError(f"{name} must be an integer array of shape {shape} (batch, length), "
+                     f"got {x.dtype} {x.shape}.")
+  return x.astype(jnp.int32)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
+              segment_ids: jax.Array | None = None, key_bias: jax.Array | None = None,
+              signed: bool = False, scale: float | None = None, impl: str | None = None,
+              interpret: bool = False, q_positions: jax.Array | None = None,
+              kv_positions: jax.Array | None = None, kv_segment_ids: jax.Array | None = None,
+              block_sizes: BlockSizes | None = None) -> jax.Array:
+  """Multi-head attention with the softmax (or Cog signed) weights of specs/attention_variants.md §3.
+
+  For batch b, query head h (kv head h // (H // Hkv)), query i, key j:
+    s_ij = scale * <q_i, k_j> + key_bias_j
+    key j is visible to query i iff (not causal or kv_positions_j <= q_positions_i)
+                                   and segment_ids_i == kv_segment_ids_j and key_bias_j != -inf
+    softmax: w_i = softmax(s_i) over visible keys; signed: w_ij = sign(s_ij) * softmax(|s_i|)_j
+    o_i = sum_j w_ij v_j, and o_i = 0 (with zero, finite gradients) if query i sees no key.
+
+  Notes:
+    * Segment id 0 (padding) is an ordinary id: padding tokens attend to each other, never to real
+      tokens. Mask padding out of the loss, not here.
+    * A key_bias of -inf is a hard mask in both modes (excluded from the normaliser and the output).
+      A large finite negative bias (e.g. -1e9) removes a key only for softmax; with signed=True it makes
+      |s| huge and the key dominates with a negative weight, so use -inf to delete keys under Cog.
+    * Differentiable w.r.t. q, k, v and key_bias (reverse mode); the "xla" impl has a custom VJP.
+
+  Args:
+    q: [B, T, H, D] queries.
+    k: [B, S, Hkv, D] keys, H % Hkv == 0 (GQA / MQA).
+    v: [B, S, Hkv, D] values.
+    causal: apply the position rule above.
+    segment_ids: [B, T] int segment of each query (and of each key when kv_segment_ids is None, which
+      then requires S == T).
+    key_bias: [B, S] or [B, Hkv, S] float added to the logits of every query for that key (MrT5 soft
+      deletion); a [B, Hkv, S] bias applies to all query heads of that kv group.
+    signed: Cog attention weights.
+    scale: logit scale (Python float), default D ** -0.5.
+    impl: None or "" (best for jax.default_backend(): "xla" today), "reference", "xla" or "pallas".
+    interpret: run Pallas kernels in interpret mode (ignored by "reference" and "xla").
+    q_positions: [B, T] (or [T]) int positions of the queries, default arange(T) + (S - T), i.e. the
+      query block is aligned to the end of the keys (decode / chunked prefill).
+    kv_positions: [B, S] (or [S]) int positions of the keys, default arange(S). Unfilled KV-cache
+      slots are masked by giving them positions above every query position (or a -inf key_bias).
+    kv_segment_ids: [B, S] int segment of each key; requires segment_ids.
+    block_sizes: tiles for the "xla" impl, default `BlockSizes.get_default(T, S, D, dtype, backend)`.
+
+  Returns:
+    o: [B, T, H, D] in q.dtype.
+
+  Raises:
+    ValueError: on inconsistent shapes/dtypes or an unknown impl.
+    NotImplementedError: for impl="pallas" (not written yet).
+  """
+  name = _resolve_impl(impl)
+  q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+  for arg_name, x in (("q", q), ("k", k), ("v", v)):
+    if x.ndim != 4:
+      raise ValueError(f"{arg_name} must have rank 4 ([batch, length, heads, head_dim]), "
+                       f"got shape {x.shape}.")
+  b, t, h, d = q.shape
+  s, hkv = k.shape[1], k.shape[2]
+  if v.shape != k.shape:
+    raise ValueError(f"k and v must have the same shape [B, S, Hkv, D], got {k.shape} and {v.shape}.")
+  if k.shape[0] != b:
+    raise ValueError(f"q and k must have the same batch size, got {b} and {k.shape[0]}.")
+  if k.shape[3] != d:
+    raise ValueError(f"q and k must have the same head_dim, got {d} and {k.shape[3]}.")
+  if hkv == 0 or h % hkv:
+    raise ValueError(f"The number of query heads ({h}) must be a multiple of the number of kv heads "
+                     f"({hkv}).")
+
+  if segment_ids is None:
+    if kv_segment_ids is not None:
+      raise ValueError("kv_segment_ids requires segment_ids (the query segments).")
+  else:
+    segment_ids = _int_array("segment_ids", segment_ids, (b, t))
+    if kv_segment_ids is None:
+      if s != t:
+        raise ValueError(f"segment_ids without kv_segment_ids needs as many keys as queries, got "
+                         f"T={t} and S={s}; pass kv_segment_ids of shape ({b}, {s}).")
+      kv_segment_ids = segment_ids
+    else:
+      kv_segment_ids = _int_array("kv_segment_ids", kv_segment_ids, (b, s))
+
+  if q_positions is None:
+    q_positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32) + (s - t), (b, t))
+  else:
+    q_positions = _int_array("q_positions", q_positions, (b, t))
+  if kv_positions is None:
+    kv_positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+  else:
+    kv_positions = _int_array("kv_positions", kv_positions, (b, s))
+
+  if key_bias is not None:
+    key_bias = jnp.asarray(key_bias)
+    if key_bias.shape not in ((b, s), (b, hkv, s)) or not jnp.issubdtype(key_bias.dtype,
+                                                                           jnp.floating):
+      raise ValueError(f"key_bias must be a float array of shape ({b}, {s}) or ({b}, {hkv}, {s}) "
+                       f"([B, S] or [B, Hkv, S]), got {key_bias.dtype} {key_bias.shape}.")
+    # Canonical [B, Hb, S] in f32; autodiff maps the cotangent back to the caller's shape and dtype.
+    key_bias = key_bias.astype(jnp.float32)
+    if key_bias.ndim == 2:
+      key_bias = key_bias[:, None, :]
+
+  scale = d ** -0.5 if scale is None else float(scale)
+  if block_sizes is None:
+    block_sizes = BlockSizes.get_default(t, s, d, q.dtype, jax.default_backend())
+  elif not isinstance(block_sizes, BlockSizes):
+    raise ValueError(f"block_sizes must be a BlockSizes or None, got {type(block_sizes).__name__}.")
+
+  return IMPLEMENTATIONS[name](
+      q, k, v, q_positions=q_positions, kv_positions=kv_positions, segment_ids=segment_ids,
+      kv_segment_ids=kv_segment_ids, key_bias=key_bias, causal=bool(causal), signed=bool(signed),
+      scale=scale, block_sizes=block_sizes, interpret=interpret)

@@ -1,0 +1,292 @@
+"""Blockwise (flash-style) attention in pure JAX, with a blockwise custom VJP.
+
+Same maths as `ops.attention.reference` (see its docstring for the mask V and the weights), computed
+without ever materialising the T x S logits:
+
+Forward (FlashAttention-2 online softmax). Queries are tiled into blocks of `block_q` rows (visited one
+after the other by `lax.map`); for each query block a `lax.scan` walks the key blocks of `block_kv`
+columns carrying, per row, the running max m, running normaliser l and unnormalised output acc (f32):
+
+  a_ij  = s_ij (softmax) or |s_ij| (signed), only for visible keys j
+  m'    = max(m, max_j a_ij);   alpha = exp(m - m')
+  l'    = alpha * l + sum_j exp(a_ij - m')
+  acc'  = alpha * acc + sum_j c_ij exp(a_ij - m') v_j,   c_ij = 1 (softmax) or sign(s_ij) (signed)
+  o_i   = acc_i / l_i (0 if row i has no visible key);   lse_i = m_i + log(l_i) is kept for the backward.
+
+Backward (custom VJP, recomputes the tiles; nothing of size T x S is stored). With p_ij = exp(a_ij - lse_i),
+w_ij = c_ij p_ij, dO the output cotangent and D_i = <dO_i, o_i>:
+
+  dv_j  = sum_i w_ij dO_i;   dw_ij = <dO_i, v_j>
+  ds_ij = p_ij (dw_ij - D_i)                          (softmax)
+  ds_ij = p_ij (sign(s_ij)^2 dw_ij - sign(s_ij) D_i)  (signed: d|s|/ds = sign(s), and sign(0) = 0)
+  dq_i  = scale sum_j ds_ij k_j;  dk_j = scale sum_i ds_ij q_i;  dbias_j = sum_{i, heads in group} ds_ij
+
+The backward scans key blocks (carrying the f32 dq accumulator) and, inside, query blocks (carrying dk,
+dv, dbias of that key block). Memory is O((T + S) * H * D) plus one tile per (batch, head) in both passes.
+Tiles whose mask is empty (e.g. above the causal diagonal, or padding) are skipped with `lax.cond`.
+
+Matmuls take the input dtype with float32 accumulation (probabilities are cast to the value dtype for the
+P @ V product, as flash kernels do); their precision follows `jax.default_matmul_precision`. Only reverse
+mode is defined (`jax.custom_vjp`): `jax.jvp`/`jacfwd` through this implementation are not supported.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from ops.attention.block_sizes import BlockSizes
+
+# Finite initial running max: keeps exp(m - m') finite for rows that have seen no visible key yet.
+_MASK_VALUE = -1e30
+
+
+def _cdiv(a: int, b: int) -> int:
+  return -(-a // b)
+
+
+def _pad_to(x: jax.Array, axis: int, size: int) -> jax.Array:
+  pad = size - x.shape[axis]
+  if pad == 0:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, pad)
+  return jnp.pad(x, widths)
+
+
+def _q_tiles(x: jax.Array, hkv: int, bq: int, nq: int) -> jax.Array:
+  """[B, T, H, ...] -> [nq, B, Hkv, G, bq, ...] (T zero-padded to nq * bq)."""
+  x = _pad_to(x, 1, nq * bq)
+  b, _, h = x.shape[:3]
+  x = x.reshape(b, nq, bq, hkv, h // hkv, *x.shape[3:])
+  return jnp.moveaxis(x, (1, 2), (0, 4))
+
+
+def _q_untile(x: jax.Array, t: int) -> jax.Array:
+  """Inverse of `_q_tiles`: [nq, B, Hkv, G, bq, D] -> [B, T, H, D]."""
+  nq, b, hkv, g, bq, d = x.shape
+  x = jnp.moveaxis(x, (0, 4), (1, 2)).reshape(b, nq * bq, hkv * g, d)
+  return x[:, :t]
+
+
+def _kv_tiles(x: jax.Array, bkv: int, nk: int) -> jax.Array:
+  """[B, S, Hkv, D] -> [nk, B, Hkv, bkv, D] (S zero-padded to nk * bkv)."""
+  x = _pad_to(x, 1, nk * bkv)
+  b, _, hkv, d = x.shape
+  return jnp.moveaxis(x.reshape(b, nk, bkv, hkv, d), (1, 2), (0, 3))
+
+
+def _seq_tiles(x: jax.Array | None, blk: int, n: int) -> jax.Array | None:
+  """[B, L] -> [n, B, blk] for positions / segment ids (padding is masked by validity)."""
+  if x is None:
+    return None
+  x = _pad_to(x, 1, n * blk)
+  return jnp.moveaxis(x.reshape(x.shape[0], n, blk), 1, 0)
+
+
+def _valid_tiles(length: int, blk: int, n: int) -> jax.Array:
+  """[n, blk] bool: False on the padding added to reach n * blk."""
+  return (jnp.arange(n * blk) < length).reshape(n, blk)
+
+
+def _bias_tiles(bias: jax.Array | None, bkv: int, nk: int) -> jax.Array | None:
+  """[B, Hb, S] -> [nk, B, Hb, bkv]."""
+  if bias is None:
+    return None
+  bias = _pad_to(bias, 2, nk * bkv)
+  b, hb, _ = bias.shape
+  return jnp.moveaxis(bias.reshape(b, hb, nk, bkv), 2, 0)
+
+
+def _tile_mask(q_pos, q_valid, q_seg, kv_pos, kv_valid, kv_seg, bias, causal: bool) -> jax.Array:
+  """Visibility of one tile: bool [B, Hb, 1, bq, bkv] (Hb = 1 without bias).
+
+  Args: q_pos/q_seg [B, bq], q_valid [bq], kv_pos/kv_seg [B, bkv], kv_valid [bkv], bias [B, Hb, bkv].
+  """
+  mask = q_valid[None, :, None] & kv_valid[None, None, :]
+  if causal:
+    mask = mask & (kv_pos[:, None, :] <= q_pos[:, :, None])
+  if q_seg is not None:
+    mask = mask & (q_seg[:, :, None] == kv_seg[:, None, :])
+  mask = jnp.broadcast_to(mask, (q_pos.shape[0],) + mask.shape[1:])[:, None, None]
+  if bias is not None:
+    mask = mask & (bias > -jnp.inf)[:, :, None, None, :]
+  return mask
+
+
+def _tile_scores(q_tile, k_tile, bias, mask, scale: float, signed: bool):
+  """Sanitised logits s and softmax argument a of one tile, both f32 [B, Hkv, G, bq, bkv].
+
+  Masked entries are 0 in s (so a -inf bias never reaches exp) and _MASK_VALUE in a.
+  """
+  s = jnp.einsum("bhgqd,bhkd->bhgqk", q_tile, k_tile, preferred_element_type=jnp.float32) * scale
+  if bias is not None:
+    s = s + bias[:, :, None, None, :]
+  s = jnp.where(mask, s, 0.0)
+  a = jnp.abs(s) if signed else s
+  return s, jnp.where(mask, a, _MASK_VALUE)
+
+
+def _forward(q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, causal, signed, scale, bq, bkv):
+  """Returns o [B, T, H, D] (q.dtype) and lse [nq, B, Hkv, G, bq] (f32, 0 on rows with no key)."""
+  b, t, h, d = q.shape
+  s_len, hkv = k.shape[1], k.shape[2]
+  g = h // hkv
+  nq, nk = _cdiv(t, bq), _cdiv(s_len, bkv)
+  q_xs = (_q_tiles(q, hkv, bq, nq), _seq_tiles(q_pos, bq, nq), _valid_tiles(t, bq, nq),
+          _seq_tiles(q_seg, bq, nq))
+  kv_xs = (_kv_tiles(k, bkv, nk), _kv_tiles(v, bkv, nk), _seq_tiles(kv_pos, bkv, nk),
+           _valid_tiles(s_len, bkv, nk), _seq_tiles(kv_seg, bkv, nk), _bias_tiles(bias, bkv, nk))
+
+  def q_block(args):
+    q_tile, q_pos_t, q_valid_t, q_seg_t = args
+
+    def kv_step(carry, kv_args):
+      k_tile, v_tile, kv_pos_t, kv_valid_t, kv_seg_t, bias_t = kv_args
+      mask = _tile_mask(q_pos_t, q_valid_t, q_seg_t, kv_pos_t, kv_valid_t, kv_seg_t, bias_t, causal)
+
+      def update(carry):
+        m, l, acc = carry
+        s, a = _tile_scores(q_tile, k_tile, bias_t, mask, scale, signed)
+        m_new = jnp.maximum(m, jnp.max(a, axis=-1))
+        p = jnp.where(mask, jnp.exp(a - m_new[..., None]), 0.0)
+        alpha = jnp.exp(m - m_new)
+        l_new = alpha * l + jnp.sum(p, axis=-1)
+        pv = p * jnp.sign(s) if signed else p
+        acc_new = alpha[..., None] * acc + jnp.einsum(
+            "bhgqk,bhkd->bhgqd", pv.astype(v_tile.dtype), v_tile, preferred_element_type=jnp.float32)
+        return m_new, l_new, acc_new
+
+      return jax.lax.cond(jnp.any(mask), update, lambda c: c, carry), None
+
+    init = (jnp.full((b, hkv, g, bq), _MASK_VALUE, jnp.float32),
+            jnp.zeros((b, hkv, g, bq), jnp.float32),
+            jnp.zeros((b, hkv, g, bq, d), jnp.float32))
+    (m, l, acc), _ = jax.lax.scan(kv_step, init, kv_xs)
+    has_key = l > 0.0
+    l_safe = jnp.where(has_key, l, 1.0)
+    o_tile = (acc / l_safe[..., None]).astype(q.dtype)
+    lse = jnp.where(has_key, m + jnp.log(l_safe), 0.0)
+    return o_tile, lse
+
+  o_tiles, lse = jax.lax.map(q_block, q_xs)
+  return _q_untile(o_tiles, t), lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11, 12))
+def _flash(q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, causal, signed, scale, bq, bkv):
+  return _forward(q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, causal, signed, scale, bq, bkv)[0]
+
+
+def _flash_fwd(q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, causal, signed, scale, bq, bkv):
+  o, lse = _forward(q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, causal, signed, scale, bq, bkv)
+  return o, (q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, o, lse)
+
+
+def _flash_bwd(causal, signed, scale, bq, bkv, res, do):
+  q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, o, lse = res
+  b, t, h, d = q.shape
+  s_len, hkv = k.shape[1], k.shape[2]
+  g = h // hkv
+  nq, nk = _cdiv(t, bq), _cdiv(s_len, bkv)
+  do = do.astype(q.dtype)
+  # D_i = <dO_i, o_i>: the softmax-Jacobian row term (also for signed, since sum_k p_k c_k dw_k = D_i).
+  delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
+  q_xs = (_q_tiles(q, hkv, bq, nq), _q_tiles(do, hkv, bq, nq), lse, _q_tiles(delta, hkv, bq, nq),
+          _seq_tiles(q_pos, bq, nq), _valid_tiles(t, bq, nq), _seq_tiles(q_seg, bq, nq))
+  kv_xs = (_kv_tiles(k, bkv, nk), _kv_tiles(v, bkv, nk), _seq_tiles(kv_pos, bkv, nk),
+           _valid_tiles(s_len, bkv, nk), _seq_tiles(kv_seg, bkv, nk), _bias_tiles(bias, bkv, nk))
+
+  def kv_step(dq_acc, kv_args):
+    k_tile, v_tile, kv_pos_t, kv_valid_t, kv_seg_t, bias_t = kv_args
+
+    def q_step(carry, q_args):
+      q_tile, do_tile, lse_t, delta_t, q_pos_t, q_valid_t, q_seg_t = q_args
+      mask = _tile_mask(q_pos_t, q_valid_t, q_seg_t, kv_pos_t, kv_valid_t, kv_seg_t, bias_t, causal)
+
+      def update(carry):
+        dk, dv, db = carry
+        s, a = _tile_scores(q_tile, k_tile, bias_t, mask, scale, signed)
+        p = jnp.exp(jnp.where(mask, a - lse_t[..., None], -jnp.inf))
+        dw = jnp.einsum("bhgqd,bhkd->bhgqk", do_tile, v_tile, preferred_element_type=jnp.float32)
+        if signed:
+          sgn = jnp.sign(s)
+          w = p * sgn
+          ds = p * (jnp.abs(sgn) * dw - sgn * delta_t[..., None])
+        else:
+          w = p
+          ds = p * (dw - delta_t[..., None])
+        dv = dv + jnp.einsum("bhgqk,bhgqd->bhkd", w.astype(do_tile.dtype), do_tile,
+                             preferred_element_type=jnp.float32)
+        if db is not None:
+          db = db + jnp.sum(ds, axis=(2, 3))
+        ds = ds * scale
+        dq_t = jnp.einsum("bhgqk,bhkd->bhgqd", ds.astype(k_tile.dtype), k_tile,
+                          preferred_element_type=jnp.float32)
+        dk = dk + jnp.einsum("bhgqk,bhgqd->bhkd", ds.astype(q_tile.dtype), q_tile,
+                             preferred_element_type=jnp.float32)
+        return (dk, dv, db), dq_t
+
+      def skip(carry):
+        return carry, jnp.zeros((b, hkv, g, bq, d), jnp.float32)
+
+      return jax.lax.cond(jnp.any(mask), update, skip, carry)
+
+    init = (jnp.zeros((b, hkv, bkv, d), jnp.float32), jnp.zeros((b, hkv, bkv, d), jnp.float32),
+            None if bias is None else jnp.zeros((b, hkv, bkv), jnp.float32))
+    (dk, dv, db), dq_tiles = jax.lax.scan(q_step, init, q_xs)
+    return dq_acc + dq_tiles, (dk, dv, db)
+
+  dq0 = jnp.zeros((nq, b, hkv, g, bq, d), jnp.float32)
+  dq_tiles, (dk_tiles, dv_tiles, db_tiles) = jax.lax.scan(kv_step, dq0, kv_xs)
+
+  def kv_untile(x):  # [nk, B, Hkv, bkv, D] -> [B, S, Hkv, D]
+    return jnp.moveaxis(x, (0, 3), (1, 2)).reshape(b, nk * bkv, hkv, d)[:, :s_len]
+
+  dq = _q_untile(dq_tiles, t).astype(q.dtype)
+  dk = kv_untile(dk_tiles).astype(k.dtype)
+  dv = kv_untile(dv_tiles).astype(v.dtype)
+  dbias = None
+  if bias is not None:
+    dbias = jnp.moveaxis(db_tiles, 0, 2).reshape(b, hkv, nk * bkv)[..., :s_len]
+    if bias.shape[1] == 1:  # a bias shared by all kv heads gets the sum over heads
+      dbias = jnp.sum(dbias, axis=1, keepdims=True)
+    dbias = dbias.astype(bias.dtype)
+  # Positions and segment ids are integer inputs: zero (None) cotangents.
+  return dq, dk, dv, dbias, None, None, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "signed", "scale", "block_sizes"))
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_positions: jax.Array,
+              kv_positions: jax.Array, segment_ids: jax.Array | None,
+              kv_segment_ids: jax.Array | None, key_bias: jax.Array | None, causal: bool,
+              signed: bool, scale: float, block_sizes: BlockSizes) -> jax.Array:
+  """Blockwise attention (equations in the module docstring and in `ops.attention.reference`).
+
+  Call it through `ops.attention.attention(..., impl="xla")`, which validates and canonicalises the
+  arguments. Block sizes larger than the sequence are clamped to it (one block, no padding).
+
+  Args:
+    q: [B, T, H, D].
+    k: [B, S, Hkv, D], H % Hkv == 0 (query head h uses kv head h // (H // Hkv)).
+    v: [B, S, Hkv, D].
+    q_positions: [B, T] int32.
+    kv_positions: [B, S] int32.
+    segment_ids: [B, T] int32 or None.
+    kv_segment_ids: [B, S] int32 or None (given iff segment_ids is).
+    key_bias: [B, Hb, S] float32 or None, Hb in {1, Hkv}.
+    causal: mask keys with kv_pos > q_pos.
+    signed: Cog weights sign(s) * softmax(|s|) instead of softmax(s).
+    scale: logit scale (a Python float).
+    block_sizes: tile sizes.
+
+  Returns:
+    o: [B, T, H, D] in q.dtype.
+  """
+  bq = min(block_sizes.block_q, q.shape[1])
+  bkv = min(block_sizes.block_kv, k.shape[1])
+  return _flash(q, k, v, key_bias, q_positions, kv_positions, segment_ids, kv_segment_ids,
+                causal, signed, scale, bq, bkv)

@@ -1,0 +1,169 @@
+"""Tests for data/pipeline.py."""
+
+import numpy as np
+import pytest
+
+from configs import base
+from data import bytes as byte_vocab
+from data import corpora
+from data import pipeline
+
+KEYS = ("inputs", "targets", "segment_ids", "positions", "weights")
+
+
+def _cfg(**overrides):
+  cfg = base.get_config().data
+  cfg.update(overrides)
+  return cfg
+
+
+def _docs_cfg(tmp_path, docs, **overrides):
+  """A files corpus whose split "all" stream is docs[0] EOS docs[1] EOS ..."""
+  for i, doc in enumerate(docs):
+    (tmp_path / f"d{i:03d}.txt").write_bytes(doc)
+  return _cfg(source="files", paths=(str(tmp_path),), **overrides)
+
+
+def _random_text_cfg(tmp_path, num_bytes, **overrides):
+  rng = np.random.default_rng(0)
+  f = tmp_path / "text.txt"
+  f.write_bytes(rng.integers(ord("a"), ord("z") + 1, num_bytes, dtype=np.uint8).tobytes())
+  return _cfg(source="single_file", paths=(str(f),), **overrides)
+
+
+def _take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def _assert_batches_equal(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    for k in KEYS:
+      np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_segments_on_hand_built_stream():
+  e = byte_vocab.EOS_ID
+  inputs = np.array([[5, 6, e, 7, e, e, 8, 9], [e, 5, 6, 7, 8, 9, 10, e]])
+  seg, pos = pipeline._segments(inputs, segment_documents=True)
+  np.testing.assert_array_equal(seg, [[1, 1, 1, 2, 2, 3, 4, 4], [1, 2, 2, 2, 2, 2, 2, 2]])
+  np.testing.assert_array_equal(pos, [[0, 1, 2, 0, 1, 0, 0, 1], [0, 0, 1, 2, 3, 4, 5, 6]])
+  seg, pos = pipeline._segments(inputs, segment_documents=False)
+  np.testing.assert_array_equal(seg, np.ones((2, 8)))
+  np.testing.assert_array_equal(pos, [np.arange(8)] * 2)
+
+
+def test_eval_batches_hand_built(tmp_path):
+  # Stream: a b EOS c d e EOS f EOS  (9 ids, 8 targets, 2 windows of 4).
+  cfg = _docs_cfg(tmp_path, [b"ab", b"cde", b"f"])
+  batches = list(pipeline.eval_batches(cfg, "all", seq_len=4, batch_size=3))
+  assert len(batches) == 1
+  b = batches[0]
+  assert {k: (v.shape, v.dtype) for k, v in b.items()} == {
+      k: ((3, 4), np.float32 if k == "weights" else np.int32) for k in KEYS}
+  ids = lambda s: [1 if c == "|" else ord(c) + 3 for c in s]  # "|" is EOS
+  np.testing.assert_array_equal(b["inputs"], [ids("ab|c"), ids("de|f"), [0] * 4])
+  np.testing.assert_array_equal(b["targets"], [ids("b|cd"), ids("e|f|"), [0] * 4])
+  np.testing.assert_array_equal(b["segment_ids"], [[1, 1, 1, 2], [1, 1, 1, 2], [0] * 4])
+  np.testing.assert_array_equal(b["positions"], [[0, 1, 2, 0], [0, 1, 2, 0], [0] * 4])
+  np.testing.assert_array_equal(b["weights"], [[1, 0, 1, 1], [1, 0, 1, 0], [0] * 4])
+  flat = list(pipeline.eval_batches(_docs_cfg(tmp_path, [b"ab", b"cde", b"f"],
+                                              segment_documents=False),
+                                    "all", seq_len=4, batch_size=3))[0]
+  np.testing.assert_array_equal(flat["segment_ids"], [[1] * 4, [1] * 4, [0] * 4])
+  np.testing.assert_array_equal(flat["positions"], [np.arange(4)] * 2 + [[0] * 4])
+
+
+@pytest.mark.parametrize("seq_len, batch_size", [(7, 3), (16, 2), (1, 5)])
+def test_eval_windows_cover_every_target_once(tmp_path, seq_len, batch_size):
+  rng = np.random.default_rng(seq_len)
+  docs = [bytes(rng.integers(0, 256, int(n), dtype=np.uint8)) for n in rng.integers(1, 40, 9)]
+  cfg = _docs_cfg(tmp_path, docs)
+  stream = corpora.load_stream(cfg, "all")
+  batches = list(pipeline.eval_batches(cfg, "all", seq_len=seq_len, batch_size=batch_size))
+  assert all(b["inputs"].shape == (batch_size, seq_len) for b in batches)
+  real = np.concatenate([b["segment_ids"].reshape(-1) > 0 for b in batches])
+  targets = np.concatenate([b["targets"].reshape(-1) for b in batches])
+  inputs = np.concatenate([b["inputs"].reshape(-1) for b in batches])
+  weights = np.concatenate([b["weights"].reshape(-1) for b in batches])
+  np.testing.assert_array_equal(targets[real], stream[1:])
+  np.testing.assert_array_equal(inputs[real], stream[:-1])
+  assert (targets[~real] == byte_vocab.PAD_ID).all() and (inputs[~real] == 0).all()
+  np.testing.assert_array_equal(weights, real & byte_vocab.is_byte_id(targets))
+  # Every byte but the stream's first is a target; EOS and padding carry no weight.
+  assert weights.sum() == sum(len(d) for d in docs) - 1
+  assert len(batches) == -(-(-(-(len(stream) - 1) // seq_len)) // batch_size)
+  limited = list(pipeline.eval_batches(cfg, "all", seq_len=seq_len, batch_size=batch_size,
+                                       max_batches=1))
+  _assert_batches_equal(limited, batches[:1])
+
+
+def test_train_batches_shape_and_content(tmp_path):
+  cfg = _random_text_cfg(tmp_path, 4000, shuffle=False)
+  stream = corpora.load_stream(cfg, "train")
+  it = pipeline.make_train_iterator(cfg, seq_len=15, global_batch_size=4, seed=0)
+  b = next(it)
+  assert {k: (v.shape, v.dtype) for k, v in b.items()} == {
+      k: ((4, 15), np.float32 if k == "weights" else np.int32) for k in KEYS}
+  windows = stream[:64].reshape(4, 16)  # unshuffled: windows 0..3, stride seq_len + 1
+  np.testing.assert_array_equal(b["inputs"], windows[:, :-1])
+  np.testing.assert_array_equal(b["targets"], windows[:, 1:])
+  np.testing.assert_array_equal(b["weights"], np.ones((4, 15)))
+  np.testing.assert_array_equal(b["segment_ids"], np.ones((4, 15)))
+
+
+def test_train_deterministic_and_seed_dependent(tmp_path):
+  cfg = _random_text_cfg(tmp_path, 20000)
+  make = lambda seed: pipeline.make_train_iterator(cfg, seq_len=15, global_batch_size=8,
+                                                   seed=seed)
+  a, b, c = _take(make(0), 5), _take(make(0), 5), _take(make(1), 5)
+  _assert_batches_equal(a, b)
+  assert not np.array_equal(a[0]["inputs"], c[0]["inputs"])
+
+
+def test_train_reshuffles_every_epoch(tmp_path):
+  cfg = _random_text_cfg(tmp_path, 600)  # train: 540 bytes + EOS -> 33 windows of 16
+  num_windows = len(corpora.load_stream(cfg, "train")) // 16
+  it = pipeline.make_train_iterator(cfg, seq_len=15, global_batch_size=3, seed=0)
+  rows = [tuple(r) for b in _take(it, num_windows) for r in b["inputs"]]  # 3 epochs
+  epochs = [rows[e * num_windows:(e + 1) * num_windows] for e in range(3)]
+  assert len(set(epochs[0])) == num_windows  # random text: windows are distinct
+  assert all(set(e) == set(epochs[0]) for e in epochs)  # each epoch sees every window once
+  assert epochs[0] != epochs[1] and epochs[1] != epochs[2]
+
+
+def test_train_process_sharding(tmp_path):
+  cfg = _random_text_cfg(tmp_path, 20000)
+  kw = dict(seq_len=15, global_batch_size=8, seed=3)
+  whole = _take(pipeline.make_train_iterator(cfg, **kw), 6)
+  parts = [_take(pipeline.make_train_iterator(cfg, process_index=p, process_count=2, **kw), 6)
+           for p in range(2)]
+  for k in range(6):
+    assert parts[0][k]["inputs"].shape == (4, 15)
+    rows = lambda b: {tuple(r) for r in b["inputs"]}
+    assert rows(parts[0][k]) | rows(parts[1][k]) == rows(whole[k])
+    for key in KEYS:  # process-major row order
+      np.testing.assert_array_equal(
+          np.concatenate([parts[0][k][key], parts[1][k][key]]), whole[k][key])
+
+
+def test_train_state_resumes_exactly(tmp_path):
+  cfg = _random_text_cfg(tmp_path, 600)
+  kw = dict(seq_len=15, global_batch_size=4, seed=7)
+  it = pipeline.make_train_iterator(cfg, **kw)
+  _take(it, 5)
+  state = it.get_state()
+  expected = _take(it, 12)  # crosses epoch boundaries (8 batches per epoch)
+  restored = pipeline.make_train_iterator(cfg, **kw)
+  restored.set_state(state)
+  _assert_batches_equal(_take(restored, 12), expected)
+  it.set_state(state)  # rewinding the same iterator works too
+  _assert_batches_equal(_take(it, 12), expected)
+
+
+def test_train_errors(tmp_path):
+  cfg = _random_text_cfg(tmp_path, 600)
+  with pytest.raises(corpora.DataError, match="does not divide evenly over 3 processes"):
+    pipeline.make_train_dataset(cfg, seq_len=15, global_batch_size=8, seed=0, process_count=3)
+  with pytest.raises(corpora.DataError, match="fewer than one global batch of 64"):
+    pipeline.make_train_dataset(cfg, seq_len=15, global_batch_size=64, seed=0)

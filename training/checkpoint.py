@@ -1,0 +1,94 @@
+"""Checkpointing facade over `orbax.checkpoint.CheckpointManager` (Orbax v0 API with explicit args).
+
+Each step directory holds three items: `state` (TrainState, restored straight into its target shardings),
+`data` (the grain iterator state, so a resumed run sees exactly the batches it would have seen) and
+`config` (the resolved run config as JSON). Nothing here ever deletes a checkpoint except orbax's own
+keep-N rotation after a *successful* save.
+"""
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+import grain
+
+from training.errors import CheckpointError
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+class Checkpointer:
+  """make / save / restore / wait, so moving to orbax v1 is a one-file change."""
+
+  def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True, read_only: bool = False):
+    self.directory = checkpoint_dir(workdir)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep if keep > 0 else None, create=not read_only, read_only=read_only,
+        enable_async_checkpointing=async_save, cleanup_tmp_directories=False)
+    handlers = {"state": ocp.PyTreeCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
+                "data": grain.checkpoint.CheckpointHandler()}
+    if read_only and not os.path.isdir(self.directory):
+      self._manager = None
+    else:
+      self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps()) if self._manager else []
+
+  def latest_step(self) -> int | None:
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  def save(self, step: int, state: Any, data_iterator: Any, config_dict: dict) -> bool:
+    """Saves unless this step is already on disk (never overwrites). Returns whether a save started."""
+    if step in self.all_steps():
+      return False
+    return self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeSave(state), data=grain.checkpoint.CheckpointSave(data_iterator),
+        config=ocp.args.JsonSave(config_dict)), force=True)
+
+  def restore(self, step: int, abstract_state: Any, data_iterator: Any | None) -> Any:
+    """Restores the full TrainState into `abstract_state`'s shapes/shardings (and the iterator in place)."""
+    items = {"state": ocp.args.PyTreeRestore(
+        item=abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = self._restore(step, items)
+    return restored["state"]
+
+  def restore_params(self, step: int, abstract_params: Any) -> Any:
+    """Params only (no optimizer state needed), e.g. for evaluate.py."""
+    abstract = {"params": abstract_params}
+    restored = self._restore(step, {"state": ocp.args.PyTreeRestore(
+        item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+        partial_restore=True)})
+    return restored["state"]["params"]
+
+  def restore_config(self, step: int) -> dict:
+    return self._restore(step, {"config": ocp.args.JsonRestore()})["config"]
+
+  def _restore(self, step: int, items: dict) -> Any:
+    where = os.path.join(self.directory, str(step))
+    try:
+      return self._manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # orbax raises many types for corrupt/truncated files; report one sentence.
+      reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+      raise CheckpointError(f"the checkpoint at {where} is unreadable or does not match this model "
+                            f"({type(e).__name__}: {reason}); it was left untouched.") from e
+
+  def wait(self) -> None:
+    if self._manager:
+      self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    if self._manager:
+      self._manager.wait_until_finished()
+      self._manager.close()
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs carrying target shardings, for restoring directly into place."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
