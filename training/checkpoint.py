@@ -26,7 +26,8 @@ class Checkpointer:
   def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True, read_only: bool = False):
     self.directory = checkpoint_dir(workdir)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep if keep > 0 else None, create=not read_only, read_only=read_only,
+        max_to_keep=keep if keep > 0 and not read_only else None, create=not read_only,
+        read_only=read_only, save_interval_steps=0 if read_only else 1,
         enable_async_checkpointing=async_save, cleanup_tmp_directories=False)
     handlers = {"state": ocp.PyTreeCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
                 "data": grain.checkpoint.CheckpointHandler()}

@@ -60,6 +60,7 @@ def evaluate(workdir: str, *, step: int | None = None, tasks: Sequence[str] = ("
     raise CheckpointError(f"no checkpoint for step {step} in {checkpointer.directory}; available steps: "
                           f"{', '.join(map(str, steps))}.")
   config = load_run_config(workdir, checkpointer, step)
+  config.eval.max_batches = 0  # evaluate.py reads whole splits unless --eval.max_batches caps it
   cli.apply_overrides(config, overrides)
   if options.get("text_file"):
     if not os.path.isfile(options["text_file"]):

@@ -6,6 +6,7 @@ Public entry: `attention`. Implementations (`impl`):
   "pallas":    not implemented yet (raises NotImplementedError).
 """
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -55,15 +56,45 @@ def _resolve_impl(impl: str | None) -> str:
   return impl
 
 
-def _int_array(name: str, x: Any, shape: tuple[int, ...]) -> jax.Array:
-  """Validates an integer [B, L] array (a [L] array is broadcast over the batch)."""
-  x = jnp.asarray(x)
-  if x.ndim == 1 and x.shape[0] == shape[1]:
-    x = jnp.broadcast_to(x, shape)
-  if x.shape != shape or not jnp.issubdtype(x.dtype, jnp.integer):
+def _check_int(name: str, x: Any, shape: tuple[int, ...]) -> None:
+  """Validates an integer [B, L] array ([L] is also accepted and broadcast over the batch)."""
+  x_shape, x_dtype = jnp.shape(x), jnp.result_type(x)
+  if x_shape not in (shape, shape[1:]) or not jnp.issubdtype(x_dtype, jnp.integer):
     raise ValueError(f"{name} must be an integer array of shape {shape} (batch, length), "
-                     f"got {x.dtype} {x.shape}.")
-  return x.astype(jnp.int32)
+                     f"got {x_dtype} {x_shape}.")
+
+
+def _int_or_none(x: jax.Array | None, shape: tuple[int, ...]) -> jax.Array | None:
+  return None if x is None else jnp.broadcast_to(x, shape).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("impl", "causal", "signed", "scale", "block_sizes",
+                                             "interpret"))
+def _canonical_call(q, k, v, segment_ids, kv_segment_ids, q_positions, kv_positions, key_bias, *,
+                    impl, causal, signed, scale, block_sizes, interpret):
+  """Fills defaults, brings every argument to the canonical form the implementations take, calls impl.
+
+  Jitted so that the small canonicalisation ops never run (and compile) one by one in eager mode.
+  """
+  b, t = q.shape[:2]
+  s = k.shape[1]
+  if q_positions is None:
+    q_positions = jnp.arange(t, dtype=jnp.int32) + (s - t)
+  if kv_positions is None:
+    kv_positions = jnp.arange(s, dtype=jnp.int32)
+  if segment_ids is not None and kv_segment_ids is None:
+    kv_segment_ids = segment_ids
+  if key_bias is not None:
+    # Canonical [B, Hb, S] f32; autodiff maps the cotangent back to the caller's shape and dtype.
+    key_bias = key_bias.astype(jnp.float32)
+    if key_bias.ndim == 2:
+      key_bias = key_bias[:, None, :]
+  return IMPLEMENTATIONS[impl](
+      q, k, v, q_positions=_int_or_none(q_positions, (b, t)),
+      kv_positions=_int_or_none(kv_positions, (b, s)),
+      segment_ids=_int_or_none(segment_ids, (b, t)),
+      kv_segment_ids=_int_or_none(kv_segment_ids, (b, s)), key_bias=key_bias, causal=causal,
+      signed=signed, scale=scale, block_sizes=block_sizes, interpret=interpret)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
@@ -133,47 +164,32 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
   if hkv == 0 or h % hkv:
     raise ValueError(f"The number of query heads ({h}) must be a multiple of the number of kv heads "
                      f"({hkv}).")
-
   if segment_ids is None:
     if kv_segment_ids is not None:
       raise ValueError("kv_segment_ids requires segment_ids (the query segments).")
   else:
-    segment_ids = _int_array("segment_ids", segment_ids, (b, t))
-    if kv_segment_ids is None:
-      if s != t:
-        raise ValueError(f"segment_ids without kv_segment_ids needs as many keys as queries, got "
-                         f"T={t} and S={s}; pass kv_segment_ids of shape ({b}, {s}).")
-      kv_segment_ids = segment_ids
-    else:
-      kv_segment_ids = _int_array("kv_segment_ids", kv_segment_ids, (b, s))
-
-  if q_positions is None:
-    q_positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32) + (s - t), (b, t))
-  else:
-    q_positions = _int_array("q_positions", q_positions, (b, t))
-  if kv_positions is None:
-    kv_positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-  else:
-    kv_positions = _int_array("kv_positions", kv_positions, (b, s))
-
+    _check_int("segment_ids", segment_ids, (b, t))
+    if kv_segment_ids is not None:
+      _check_int("kv_segment_ids", kv_segment_ids, (b, s))
+    elif s != t:
+      raise ValueError(f"segment_ids without kv_segment_ids needs as many keys as queries, got "
+                       f"T={t} and S={s}; pass kv_segment_ids of shape ({b}, {s}).")
+  if q_positions is not None:
+    _check_int("q_positions", q_positions, (b, t))
+  if kv_positions is not None:
+    _check_int("kv_positions", kv_positions, (b, s))
   if key_bias is not None:
-    key_bias = jnp.asarray(key_bias)
-    if key_bias.shape not in ((b, s), (b, hkv, s)) or not jnp.issubdtype(key_bias.dtype,
-                                                                           jnp.floating):
+    bias_shape, bias_dtype = jnp.shape(key_bias), jnp.result_type(key_bias)
+    if bias_shape not in ((b, s), (b, hkv, s)) or not jnp.issubdtype(bias_dtype, jnp.floating):
       raise ValueError(f"key_bias must be a float array of shape ({b}, {s}) or ({b}, {hkv}, {s}) "
-                       f"([B, S] or [B, Hkv, S]), got {key_bias.dtype} {key_bias.shape}.")
-    # Canonical [B, Hb, S] in f32; autodiff maps the cotangent back to the caller's shape and dtype.
-    key_bias = key_bias.astype(jnp.float32)
-    if key_bias.ndim == 2:
-      key_bias = key_bias[:, None, :]
-
-  scale = d ** -0.5 if scale is None else float(scale)
+                       f"([B, S] or [B, Hkv, S]), got {bias_dtype} {bias_shape}.")
   if block_sizes is None:
     block_sizes = BlockSizes.get_default(t, s, d, q.dtype, jax.default_backend())
   elif not isinstance(block_sizes, BlockSizes):
     raise ValueError(f"block_sizes must be a BlockSizes or None, got {type(block_sizes).__name__}.")
-
-  return IMPLEMENTATIONS[name](
-      q, k, v, q_positions=q_positions, kv_positions=kv_positions, segment_ids=segment_ids,
-      kv_segment_ids=kv_segment_ids, key_bias=key_bias, causal=bool(causal), signed=bool(signed),
-      scale=scale, block_sizes=block_sizes, interpret=interpret)
+  if t == 0 or s == 0:  # no queries, or no keys (every row fully masked): exact zeros
+    return jnp.zeros(q.shape, q.dtype)
+  return _canonical_call(q, k, v, segment_ids, kv_segment_ids, q_positions, kv_positions, key_bias,
+                         impl=name, causal=bool(causal), signed=bool(signed),
+                         scale=d ** -0.5 if scale is None else float(scale),
+                         block_sizes=block_sizes, interpret=bool(interpret))

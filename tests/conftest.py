@@ -1,0 +1,30 @@
+"""Test-wide setup: CPU-only by default; gpu/tpu tests skip elsewhere; slow tests need --runslow."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", os.environ.get("JAX_PLATFORMS", ""))
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pytest_addoption(parser):
+  parser.addoption("--runslow", action="store_true", default=False, help="also run @pytest.mark.slow tests")
+
+
+def pytest_collection_modifyitems(config, items):
+  backend = jax.default_backend()
+  skip_slow = pytest.mark.skip(reason="slow: run with --runslow")
+  for item in items:
+    if "slow" in item.keywords and not config.getoption("--runslow"):
+      item.add_marker(skip_slow)
+    for device in ("gpu", "tpu"):
+      if device in item.keywords and backend != device:
+        item.add_marker(pytest.mark.skip(reason=f"needs a {device.upper()} (backend is {backend})"))
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> str:
+  return REPO_ROOT
