@@ -54,7 +54,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict()
   config.model.name = "transformer"  # models.get_model registry key
   # Token mixer: a name, or a list with one name per layer (e.g. Cog keeps softmax in the first/last layer).
-  config.model.mixer = "softmax"
+  # Typed `object` so configs and --config.model.mixer overrides may replace the name by a list.
+  config.model.mixer = ml_collections.FieldReference("softmax", field_type=object)
   config.model.num_layers = 4
   config.model.d_model = 256
   config.model.num_heads = 4

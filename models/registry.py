@@ -17,6 +17,11 @@ per-variant code):
 - `decode=True`: autoregressive mode. State lives in the `cache` collection and is created by calling
   the model once with a full-length dummy input (`models.transformer.init_cache`); later calls take
   T >= 1 new tokens and must reproduce the parallel forward's outputs for those tokens.
+
+Every registered mixer runs the shared suite tests/models/test_mixers.py (causality, segment isolation,
+decode == forward, training, checkpointing) without test edits. A mixer that needs small test-time options
+may define a classmethod `test_config_overrides() -> dict` of config.model keys (dotted for sub-configs,
+e.g. {"gla.chunk_size": 8}) that the suite applies to its tiny model.
 """
 
 from typing import Callable
