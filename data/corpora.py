@@ -180,6 +180,8 @@ def load_documents(data_config: Any, split: str) -> list[bytes]:
     hint = (f"{len(docs)} of the {len(keyed)} file(s) landed in it (each file goes whole to "
             "one split by a hash of its path), so add more files or use "
             "data.source='single_file'")
+    if not any(d for _, d in keyed):
+      hint = f"every file that data.paths names is empty ({len(keyed)} file(s))"
   else:
     splits = _single_file_splits(paths)
     docs = [splits[split]]

@@ -6,7 +6,9 @@ Each step directory holds three items: `state` (TrainState, restored straight in
 keep-N rotation after a *successful* save.
 """
 
+import logging
 import os
+import sys
 from typing import Any
 
 import jax
@@ -14,6 +16,44 @@ import orbax.checkpoint as ocp
 import grain
 
 from training.errors import CheckpointError
+
+
+class _DropReadOnlyNotice(logging.Filter):
+  """Drops orbax's "Given directory is read only" warning: evaluate.py opens runs read-only on purpose."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Given directory is read only")
+
+
+logging.getLogger("absl").addFilter(_DropReadOnlyNotice())
+
+
+def _from_aborted_restore(unraisable: Any) -> bool:
+  exc, code = unraisable.exc_value, getattr(unraisable.object, "cr_code", None)
+  return (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed") or (
+      code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename)
+
+
+def _drop_aborted_restore_noise() -> None:
+  """Silences the unraisable-exception tracebacks that follow an aborted orbax restore.
+
+  When one array of a restore fails, orbax closes its asyncio loop while other TensorStore reads are still in
+  flight: their completion callbacks raise RuntimeError("Event loop is closed") and the other failed read
+  coroutines are finalized with their exceptions unretrieved. Python reports each as an unraisable exception,
+  a traceback on stderr around the one-line error, some after the restore has returned. So this filter is
+  installed before restoring and stays; only those two kinds are dropped, anything else still reaches the
+  previous hook.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "_drops_aborted_restore_noise", False):
+    return
+
+  def hook(unraisable):
+    if not _from_aborted_restore(unraisable):
+      previous(unraisable)
+
+  hook._drops_aborted_restore_noise = True
+  sys.unraisablehook = hook
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -73,10 +113,12 @@ class Checkpointer:
 
   def _restore(self, step: int, items: dict) -> Any:
     where = os.path.join(self.directory, str(step))
+    _drop_aborted_restore_noise()  # before: some of that noise comes before orbax's error propagates
     try:
       return self._manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # orbax raises many types for corrupt/truncated files; report one sentence.
-      reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+      reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      reason = reason.split(" See full TensorStore details")[0][:200]  # that part is a bound-method repr
       raise CheckpointError(f"the checkpoint at {where} is unreadable or does not match this model "
                             f"({type(e).__name__}: {reason}); it was left untouched.") from e
 

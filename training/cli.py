@@ -68,16 +68,14 @@ def parse(argv: Sequence[str], define_extra: Callable[[flags.FlagValues], None] 
     raise ConfigError(f"config file '{path}' failed to load: {type(e).__name__}: {e}.") from None
   _check_override_keys(base, argv[1:])
   flag_values = flags.FlagValues()
-  saved_argv = sys.argv
-  sys.argv = argv  # config_flags reads the overrides from sys.argv while defining the flag
   try:
+    # sys_argv: config_flags reads the overrides from it lazily, at parse time (sys.argv by default,
+    # which is not `argv` when train.main/evaluate.main are called in-process).
     config_flags.DEFINE_config_file("config", path, "Experiment config file.", flag_values=flag_values,
-                                    lock_config=True)
+                                    lock_config=True, sys_argv=argv)
   except Exception as e:
     message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise ConfigError(f"invalid config override: {message}") from None
-  finally:
-    sys.argv = saved_argv
   if define_extra:
     define_extra(flag_values)
   try:

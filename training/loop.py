@@ -10,6 +10,7 @@ from typing import Any, Iterator
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -107,15 +108,28 @@ class _StopSignal:
       signal.signal(sig, handler)
 
 
+@jax.jit
+def _finite(tree: Any) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+                            if jnp.issubdtype(x.dtype, jnp.inexact)]))
+
+
+def _all_finite(tree: Any) -> bool:
+  return bool(jax.device_get(_finite(tree)))
+
+
+def _last_good(checkpointer: ckpt_lib.Checkpointer) -> str:
+  latest = checkpointer.latest_step()
+  return "no checkpoint had been saved yet" if latest is None else (
+      f"the last good checkpoint (step {latest}) is intact")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns the final metrics."""
   config = resolve_config(config)
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   config_dict = config.to_dict()
-  if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(config_dict, f, indent=2, default=list)
 
   t = config.train
   model = models.get_model(config.model)
@@ -138,17 +152,28 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       state, start = init(rng), 0
     else:
       state = checkpointer.restore(start, ckpt_lib.abstract_like(abstract_state, shardings), data_iter)
-    train_jit = jax.jit(train_fn, in_shardings=(shardings, batch_sharding), donate_argnums=0)
+    # out_shardings pins the new state to the same layout; left to propagation, GSPMD may return e.g. a
+    # norm scale split over "tensor", and the next call would reject it as a committed mismatch.
+    train_jit = jax.jit(train_fn, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+                        donate_argnums=0)
     eval_jit = jax.jit(eval_fn, in_shardings=(shardings.params, batch_sharding))
 
+    if is_main:  # only once setup (data, checkpoint restore) succeeded: a failed start leaves it as it was
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(config_dict, f, indent=2, default=list)
+
     progress = ProgressBar(t.steps, start_step=start, enabled=is_main and t.progress_bar)
-    if start:
-      progress.write(f"resumed from the checkpoint at step {start} in {checkpointer.directory}")
+    if start and is_main:  # printed even without a progress bar: a resume should never be silent
+      print(f"resumed from the checkpoint at step {start} in {checkpointer.directory}", flush=True)
     last_log_time, last_log_step = None, start
     final_metrics: dict[str, Any] = {}
     stopped_by = None
 
     def save(step):
+      if step not in checkpointer.all_steps() and not _all_finite(state):
+        checkpointer.wait()  # an earlier async save in flight is the last good checkpoint
+        raise NonFiniteLossError(f"the train state (params or optimizer state) became non-finite at step {step}; "
+                                 f"stopped without saving, {_last_good(checkpointer)}.")
       checkpointer.save(step, state, data_iter, config_dict)
 
     with _StopSignal() as stop:
@@ -157,12 +182,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         batch = sharding.global_batch(next(data_iter), mesh)
         state, metrics = train_jit(state, batch)
         step += 1
-        loss = float(metrics["loss"])  # one scalar per step; also the NaN guard before any save
-        if not math.isfinite(loss):
+        # Two scalars per step; also the NaN guard before any save. A non-finite gradient norm poisons the
+        # update (so the saved params) one step before the loss shows it.
+        loss, grad_norm = map(float, jax.device_get((metrics["loss"], metrics["grad_norm"])))
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
           checkpointer.wait()
-          raise NonFiniteLossError(
-              f"the training loss became {loss} at step {step}; stopped without saving, the last good "
-              f"checkpoint (step {checkpointer.latest_step()}) is intact.")
+          what = (f"the training loss became {loss}" if not math.isfinite(loss) else
+                  f"the gradient norm became {grad_norm} (loss {loss:.4f})")
+          raise NonFiniteLossError(f"{what} at step {step}; stopped without saving, "
+                                   f"{_last_good(checkpointer)}.")
         if step == start + 1 or last_log_time is None:
           last_log_time, last_log_step = time.perf_counter(), step  # exclude compilation from tokens/s
         if step % t.log_every == 0 or step == t.steps:

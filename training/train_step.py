@@ -26,10 +26,15 @@ def learning_rate_schedule(opt_config: Any, total_steps: int) -> optax.Schedule:
 
 
 def _decay_mask(params: Any) -> Any:
-  """Weight decay on matrices only: not on norms (1-D) and not on the byte embedding."""
+  """Weight decay on matrices only: not on norms (1-D) and not on the byte embedding.
+
+  Params of a scanned layer stack (under the "layers" key, models/transformer.py) carry a leading layer
+  axis that does not count: a stacked norm scale [L, D] is still a vector per layer.
+  """
   def keep(path, leaf):
     names = [getattr(p, "key", "") for p in path]
-    return leaf.ndim >= 2 and "embedding" not in names
+    ndim = leaf.ndim - (1 if "layers" in names else 0)
+    return ndim >= 2 and "embedding" not in names
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
