@@ -1,0 +1,145 @@
+"""Gated linear attention (GLA, specs/attention_variants.md §1): parallel forward and decode step.
+
+Public entries: `gla` (a whole sequence) and `gla_step` (one token, for decoding). Implementations of
+`gla` (`impl`):
+  "reference": `ops.gla.reference`, the f32 recurrent `lax.scan` over time, the test oracle.
+  "xla":       `ops.gla.xla`, the chunkwise-parallel log-space form with secondary chunking; reverse-mode
+               autodiff (custom VJP on the diagonal sub-blocks).
+  "pallas":    not implemented yet (raises NotImplementedError).
+"""
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from ops.gla import reference
+from ops.gla import xla
+from ops.gla.block_sizes import BlockSizes
+from ops.gla.step import gla_step
+
+__all__ = ["gla", "gla_step", "BlockSizes", "IMPLEMENTATIONS"]
+
+
+def _pallas_not_implemented(*args, **kwargs):
+  del args, kwargs
+  raise NotImplementedError(
+      "ops.gla impl='pallas' is not implemented yet; use impl='xla' or 'reference'.")
+
+
+def _reference(q, k, v, log_gate, initial_state, *, scale, block_sizes, interpret):
+  del block_sizes, interpret  # The oracle has no chunking.
+  return reference.gla(q, k, v, log_gate, initial_state, scale=scale)
+
+
+def _xla(q, k, v, log_gate, initial_state, *, scale, block_sizes, interpret):
+  del interpret  # Only meaningful for Pallas kernels.
+  return xla.gla(q, k, v, log_gate, initial_state, scale=scale, block_sizes=block_sizes)
+
+
+# impl name -> callable taking canonical arguments (see `gla`). Adding Pallas is one entry here (plus,
+# when it should be the default somewhere, one entry in _DEFAULT_IMPL).
+IMPLEMENTATIONS: dict[str, Callable[..., tuple[jax.Array, jax.Array]]] = {
+    "reference": _reference,
+    "xla": _xla,
+    "pallas": _pallas_not_implemented,
+}
+
+# Best available implementation per jax.default_backend(); anything not listed uses "xla".
+_DEFAULT_IMPL: dict[str, str] = {"cpu": "xla", "gpu": "xla", "tpu": "xla"}
+
+
+def _resolve_impl(impl: str | None) -> str:
+  if impl is None or impl == "":  # "" is the config spelling of "best available"
+    return _DEFAULT_IMPL.get(jax.default_backend(), "xla")
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f"Unknown gla impl {impl!r}; valid values are None, "
+                     f"{', '.join(repr(name) for name in IMPLEMENTATIONS)}.")
+  return impl
+
+
+@functools.partial(jax.jit, static_argnames=("impl", "scale", "block_sizes", "interpret"))
+def _canonical_call(q, k, v, log_gate, initial_state, *, impl, scale, block_sizes, interpret):
+  """Fills the default state and calls the implementation (jitted so eager callers compile once)."""
+  if initial_state is None:
+    b, _, h, dk = q.shape
+    initial_state = jnp.zeros((b, h, dk, v.shape[-1]), jnp.float32)
+  return IMPLEMENTATIONS[impl](q, k, v, log_gate, initial_state.astype(jnp.float32), scale=scale,
+                               block_sizes=block_sizes, interpret=interpret)
+
+
+def gla(q: jax.Array, k: jax.Array, v: jax.Array, log_gate: jax.Array, *,
+        initial_state: jax.Array | None = None, scale: float | None = None, chunk_size: int = 64,
+        impl: str | None = None, interpret: bool = False,
+        sub_chunk: int | None = None) -> tuple[jax.Array, jax.Array]:
+  """Gated linear attention over a sequence (spec §1.1), per batch b and head h.
+
+  With S_0 = initial_state and alpha_t = exp(log_gate_t) (per key channel):
+    S_t = Diag(alpha_t) S_{t-1} + k_t^T v_t,    o_t = (scale * q_t) S_t,    final_state = S_T.
+
+  Notes:
+    * log_gate must be finite and <= 0 (alpha in (0, 1]). This is not checked (it is traced). A
+      positive log_gate is not a GLA, and the chunked form may overflow on it; a -inf gate (hard reset)
+      gives NaN in the chunked form (spec §1.6: use segment resets instead, once they exist).
+    * The output is causal: o_t depends only on positions <= t (and on initial_state).
+    * Differentiable w.r.t. q, k, v, log_gate and initial_state: reverse mode for every impl ("xla"
+      has a custom VJP for its diagonal sub-blocks, so `jax.jvp` / `jacfwd` need impl="reference").
+    * log_gate values summing to ~-1e4 or below within one chunk cost the "xla" impl relative accuracy
+      (~|sum| * 6e-8; see `ops.gla.xla`).
+
+  Args:
+    q: [B, T, H, K] queries.
+    k: [B, T, H, K] keys.
+    v: [B, T, H, V] values.
+    log_gate: [B, T, H, K] float log(alpha) <= 0 (e.g. logsigmoid(x) / 16); may be f32 with
+      low-precision q/k/v.
+    initial_state: [B, H, K, V] S_0 (float; computed in float32), default zeros.
+    scale: applied to q (Python float), default K ** -0.5.
+    chunk_size: chunk length C of the "xla" impl (a positive int; ignored by "reference"). Sequences
+      shorter than C use one shorter chunk; results do not depend on C beyond f32 rounding.
+    impl: None or "" (best for jax.default_backend(): "xla" today), "reference", "xla" or "pallas".
+    interpret: run Pallas kernels in interpret mode (ignored by "reference" and "xla").
+    sub_chunk: secondary chunk length c of the "xla" impl (must divide chunk_size), default the
+      largest divisor of chunk_size <= sqrt(chunk_size) (8 for 64).
+
+  Returns:
+    o: [B, T, H, V] in q.dtype.
+    final_state: [B, H, K, V] float32 S_T (initial_state, upcast, when T == 0).
+
+  Raises:
+    ValueError: on inconsistent shapes/dtypes, bad chunk sizes or an unknown impl.
+    NotImplementedError: for impl="pallas" (not written yet).
+  """
+  name = _resolve_impl(impl)
+  q, k, v, log_gate = (jnp.asarray(x) for x in (q, k, v, log_gate))
+  for arg_name, x in (("q", q), ("k", k), ("v", v), ("log_gate", log_gate)):
+    if x.ndim != 4:
+      raise ValueError(f"{arg_name} must have rank 4 ([batch, length, heads, head_dim]), "
+                       f"got shape {x.shape}.")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f"{arg_name} must be a float array, got {x.dtype}.")
+  b, t, h, dk = q.shape
+  dv = v.shape[-1]
+  if k.shape != q.shape:
+    raise ValueError(f"k must have the shape of q [B, T, H, K] = {q.shape}, got {k.shape}.")
+  if log_gate.shape != q.shape:
+    raise ValueError(f"log_gate must have the shape of q [B, T, H, K] = {q.shape}, "
+                     f"got {log_gate.shape}.")
+  if v.shape[:3] != q.shape[:3]:
+    raise ValueError(f"v must have the batch, length and heads of q ({b}, {t}, {h}, V), "
+                     f"got {v.shape}.")
+  if initial_state is not None:
+    initial_state = jnp.asarray(initial_state)
+    if (initial_state.shape != (b, h, dk, dv)
+        or not jnp.issubdtype(initial_state.dtype, jnp.floating)):
+      raise ValueError(f"initial_state must be a float array of shape {(b, h, dk, dv)} "
+                       f"([B, H, K, V]), got {initial_state.dtype} {initial_state.shape}.")
+  block_sizes = BlockSizes.get_default(t, chunk_size, sub_chunk)
+  if t == 0:  # nothing to scan: the state passes through unchanged
+    state = (jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None
+             else initial_state.astype(jnp.float32))
+    return jnp.zeros((b, 0, h, dv), q.dtype), state
+  return _canonical_call(q, k, v, log_gate, initial_state, impl=name,
+                         scale=dk ** -0.5 if scale is None else float(scale),
+                         block_sizes=block_sizes, interpret=bool(interpret))
