@@ -14,7 +14,11 @@ import ml_collections
 LOGICAL_AXIS_RULES = (
     ("batch", ("data", "fsdp")),
     ("activation_length", None),
-    ("activation_embed", "tensor"),
+    # The residual stream's embed dim stays unsharded (Megatron layout). Mapping it to "tensor" makes XLA's
+    # SPMD partitioner miscompile `x + x @ w` for w [mlp/heads -> tensor, embed -> fsdp] on a mesh with
+    # data, fsdp and tensor all > 1 (wrong values, no error; jax 0.12, Shardy and GSPMD alike), which broke
+    # losses on a 2x2x2 mesh. tests/training/test_sharding.py guards this.
+    ("activation_embed", None),
     ("activation_heads", "tensor"),
     ("embed", "fsdp"),
     ("vocab", "tensor"),
@@ -74,7 +78,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.scan_layers = False  # nn.scan over identical layers (faster compile for deep models)
   config.model.remat = "none"  # none | full | dots_saveable  (activation checkpointing per layer)
   config.model.dtype = "float32"  # set from train.compute_dtype at run time
-  config.model.max_decode_len = 1024  # KV-cache length for autoregressive decoding
 
   config.data = ml_collections.ConfigDict()
   config.data.source = "bundled"  # bundled | files | single_file
