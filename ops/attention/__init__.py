@@ -12,17 +12,12 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from ops import dispatch
 from ops.attention import reference
 from ops.attention import xla
 from ops.attention.block_sizes import BlockSizes
 
 __all__ = ["attention", "BlockSizes", "IMPLEMENTATIONS"]
-
-
-def _pallas_not_implemented(*args, **kwargs):
-  del args, kwargs
-  raise NotImplementedError(
-      "ops.attention impl='pallas' is not implemented yet; use impl='xla' or 'reference'.")
 
 
 def _reference(q, k, v, *, block_sizes, interpret, **kwargs):
@@ -36,25 +31,12 @@ def _xla(q, k, v, *, interpret, **kwargs):
 
 
 # impl name -> callable taking canonical arguments (see `attention`). Adding Pallas is one entry here
-# (plus, when it should be the default somewhere, one entry in _DEFAULT_IMPL).
+# (plus, when it should be the default somewhere, a `defaults` mapping for ops.dispatch.resolve_impl).
 IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
     "reference": _reference,
     "xla": _xla,
-    "pallas": _pallas_not_implemented,
+    "pallas": dispatch.not_implemented("ops.attention", "pallas", "xla", "reference"),
 }
-
-# Best available implementation per jax.default_backend(); anything not listed uses "xla".
-_DEFAULT_IMPL: dict[str, str] = {"cpu": "xla", "gpu": "xla", "tpu": "xla"}
-
-
-def _resolve_impl(impl: str | None) -> str:
-  if impl is None or impl == "":  # "" is the config spelling of "best available"
-    return _DEFAULT_IMPL.get(jax.default_backend(), "xla")
-  if impl not in IMPLEMENTATIONS:
-    raise ValueError(f"Unknown attention impl {impl!r}; valid values are None, "
-                     f"{', '.join(repr(name) for name in IMPLEMENTATIONS)}.")
-  return impl
-
 
 def _check_int(name: str, x: Any, shape: tuple[int, ...]) -> None:
   """Validates an integer [B, L] array ([L] is also accepted and broadcast over the batch)."""
@@ -147,7 +129,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
     ValueError: on inconsistent shapes/dtypes or an unknown impl.
     NotImplementedError: for impl="pallas" (not written yet).
   """
-  name = _resolve_impl(impl)
+  name = dispatch.resolve_impl("attention", impl, IMPLEMENTATIONS)
   q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
   for arg_name, x in (("q", q), ("k", k), ("v", v)):
     if x.ndim != 4:

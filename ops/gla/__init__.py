@@ -14,18 +14,13 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from ops import dispatch
 from ops.gla import reference
 from ops.gla import xla
 from ops.gla.block_sizes import BlockSizes
 from ops.gla.step import gla_step
 
 __all__ = ["gla", "gla_step", "BlockSizes", "IMPLEMENTATIONS"]
-
-
-def _pallas_not_implemented(*args, **kwargs):
-  del args, kwargs
-  raise NotImplementedError(
-      "ops.gla impl='pallas' is not implemented yet; use impl='xla' or 'reference'.")
 
 
 def _reference(q, k, v, log_gate, initial_state, *, scale, block_sizes, interpret):
@@ -39,24 +34,12 @@ def _xla(q, k, v, log_gate, initial_state, *, scale, block_sizes, interpret):
 
 
 # impl name -> callable taking canonical arguments (see `gla`). Adding Pallas is one entry here (plus,
-# when it should be the default somewhere, one entry in _DEFAULT_IMPL).
+# when it should be the default somewhere, a `defaults` mapping for ops.dispatch.resolve_impl).
 IMPLEMENTATIONS: dict[str, Callable[..., tuple[jax.Array, jax.Array]]] = {
     "reference": _reference,
     "xla": _xla,
-    "pallas": _pallas_not_implemented,
+    "pallas": dispatch.not_implemented("ops.gla", "pallas", "xla", "reference"),
 }
-
-# Best available implementation per jax.default_backend(); anything not listed uses "xla".
-_DEFAULT_IMPL: dict[str, str] = {"cpu": "xla", "gpu": "xla", "tpu": "xla"}
-
-
-def _resolve_impl(impl: str | None) -> str:
-  if impl is None or impl == "":  # "" is the config spelling of "best available"
-    return _DEFAULT_IMPL.get(jax.default_backend(), "xla")
-  if impl not in IMPLEMENTATIONS:
-    raise ValueError(f"Unknown gla impl {impl!r}; valid values are None, "
-                     f"{', '.join(repr(name) for name in IMPLEMENTATIONS)}.")
-  return impl
 
 
 @functools.partial(jax.jit, static_argnames=("impl", "scale", "block_sizes", "interpret"))
@@ -111,7 +94,7 @@ def gla(q: jax.Array, k: jax.Array, v: jax.Array, log_gate: jax.Array, *,
     ValueError: on inconsistent shapes/dtypes, bad chunk sizes or an unknown impl.
     NotImplementedError: for impl="pallas" (not written yet).
   """
-  name = _resolve_impl(impl)
+  name = dispatch.resolve_impl("gla", impl, IMPLEMENTATIONS)
   q, k, v, log_gate = (jnp.asarray(x) for x in (q, k, v, log_gate))
   for arg_name, x in (("q", q), ("k", k), ("v", v), ("log_gate", log_gate)):
     if x.ndim != 4:

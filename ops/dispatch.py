@@ -1,0 +1,34 @@
+"""Implementation dispatch shared by every op package: `impl` name -> function, best default per backend.
+
+Each op keeps a dict {"reference": ..., "xla": ..., "pallas": ...}; `impl=None` (or "", the config
+spelling) picks the best one for `jax.default_backend()`; an explicit name that cannot run here raises.
+"""
+
+from typing import Callable, Mapping
+
+import jax
+
+# Best available implementation per backend, for ops that do not override it. Pallas joins per op as its
+# kernels land.
+DEFAULT_IMPL: Mapping[str, str] = {"cpu": "xla", "gpu": "xla", "tpu": "xla"}
+
+
+def not_implemented(op_name: str, impl: str, *alternatives: str) -> Callable[..., None]:
+  """A placeholder implementation that raises one clear sentence naming the working alternatives."""
+  def fail(*args, **kwargs):
+    del args, kwargs
+    first, *rest = alternatives
+    raise NotImplementedError(f"{op_name} impl={impl!r} is not implemented yet; use impl={first!r}"
+                              + "".join(f" or {a!r}" for a in rest) + ".")
+  return fail
+
+
+def resolve_impl(op_name: str, impl: str | None, implementations: Mapping[str, Callable],
+                 defaults: Mapping[str, str] = DEFAULT_IMPL) -> str:
+  """The implementation name to run: `impl` itself, or the backend default when it is None or ""."""
+  if impl is None or impl == "":
+    return defaults.get(jax.default_backend(), "xla")
+  if impl not in implementations:
+    raise ValueError(f"Unknown {op_name} impl {impl!r}; valid values are None, "
+                     f"{', '.join(repr(name) for name in implementations)}.")
+  return impl
