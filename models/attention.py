@@ -1,4 +1,6 @@
-"""Multi-head causal self-attention mixer over `ops.attention` (softmax baseline; GQA; optional qk-norm).
+"""Multi-head causal self-attention mixers over `ops.attention`: softmax (baseline) and Cog (signed).
+
+Both support GQA and optional qk-norm.
 
 The maths lives in `ops.attention`; this module only owns the projections and the decode KV cache.
 """
@@ -62,3 +64,15 @@ class SelfAttention(nn.Module):
     o = nn.with_logical_constraint(o, (layers.BATCH, layers.LENGTH, layers.ACT_HEADS, layers.HEAD_DIM))
     return layers.DenseGeneral((cfg.d_model,), (layers.HEADS, layers.HEAD_DIM, layers.EMBED), in_dims=2,
                                dtype=dtype, init_scale=(2 * cfg.num_layers) ** -0.5, name="out")(o)
+
+
+@register_mixer("cog")
+class CogAttention(SelfAttention):
+  """Cog attention (specs/attention_variants.md §3.1): w = sign(s) * softmax(|s|). x [B,T,D] -> [B,T,D].
+
+  Same parameters, RoPE, qk-norm option and KV cache as "softmax"; only the op's weights differ. Cog adds
+  no parameters or hyperparameters (§3.1), so it reads no `config.model.cog` options. It lives here
+  (DESIGN §5) since it is SelfAttention with one field changed; the §3.2 rule (softmax in the first and
+  last layer) is the per-layer mixer list of configs/cog.py.
+  """
+  signed: bool = True
