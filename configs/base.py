@@ -4,8 +4,9 @@
     python train.py --config=configs/base.py --workdir=runs/base --config.train.steps=100
 
 The default is a small decoder-only byte-level Transformer (pre-norm RMSNorm, RoPE, SwiGLU) trained on the
-bundled corpus (the Python standard library's source text). On 2 CPU cores it finishes in about 10 minutes and
-reaches roughly 2.4 validation bits per byte (see README "Results").
+bundled corpus (the Python standard library's source text). On 2 CPU cores it finishes in about 8.5 minutes
+and reaches about 1.73 validation bits per byte on the capped training-time eval, 2.03 on the whole valid split
+(see README "Results").
 """
 
 import ml_collections
@@ -35,12 +36,12 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
   config.train = ml_collections.ConfigDict()
-  config.train.steps = 800  # optimizer steps
+  config.train.steps = 500  # optimizer steps
   config.train.batch_size = 16  # global batch, in sequences
   config.train.seq_len = 256  # bytes per training sequence (model input length)
   config.train.grad_accum = 1  # micro-batches per optimizer step (batch_size must divide evenly)
   config.train.log_every = 20
-  config.train.eval_every = 200  # 0 disables periodic eval; a final eval always runs
+  config.train.eval_every = 250  # 0 disables periodic eval; a final eval always runs
   config.train.seed = 0
   config.train.compute_dtype = "float32"  # "bfloat16" for bf16 compute (params stay fp32)
   config.train.progress_bar = True  # on a terminal only; logs plain lines otherwise
@@ -92,7 +93,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.max_batches = 8  # 0 = the whole split (fixed, non-overlapping windows)
 
   config.checkpoint = ml_collections.ConfigDict()
-  config.checkpoint.every = 200  # save every K steps (and always at the end and on SIGTERM/SIGINT)
+  config.checkpoint.every = 250  # save every K steps (and always at the end and on SIGTERM/SIGINT)
   config.checkpoint.keep = 3  # keep the newest N checkpoints
   config.checkpoint.async_save = True
 
