@@ -56,6 +56,19 @@ def _drop_aborted_restore_noise() -> None:
   sys.unraisablehook = hook
 
 
+class _DropAbortedRestoreTasks(logging.Filter):
+  """Drops asyncio's reports of unretrieved / destroyed orbax read tasks after a failed restore.
+
+  The sibling reads of a failed restore are garbage-collected later, and asyncio logs each on stderr after
+  the one-line error; installed only once a restore has failed, and only orbax tasks are dropped.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not (message.startswith(("Task exception was never retrieved", "Task was destroyed but it is pending"))
+                and f"{os.sep}orbax{os.sep}" in message)
+
+
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
@@ -117,6 +130,7 @@ class Checkpointer:
     try:
       return self._manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # orbax raises many types for corrupt/truncated files; report one sentence.
+      logging.getLogger("asyncio").addFilter(_DropAbortedRestoreTasks())
       reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
       reason = reason.split(" See full TensorStore details")[0][:200]  # that part is a bound-method repr
       raise CheckpointError(f"the checkpoint at {where} is unreadable or does not match this model "
