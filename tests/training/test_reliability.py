@@ -324,7 +324,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly_then_resumes(tmp_path):
   assert step >= 3 and step == max(r["step"] for r in _train_records(workdir))
   assert _steps(workdir) == [step]
 
-  resumed = _train(workdir, f"--config.train.steps={step + 2}", "--config.train.log_every=1")
+  # Same checkpoint cadence as the interrupted run: the tiny config's every=10 would add one at a multiple of 10.
+  resumed = _train(workdir, f"--config.train.steps={step + 2}", "--config.train.log_every=1",
+                   "--config.checkpoint.every=1000000")
   assert resumed.returncode == 0, resumed.stderr
   assert f"resumed from the checkpoint at step {step} in " in resumed.stdout
   assert [r["step"] for r in _train_records(workdir)][-2:] == [step + 1, step + 2]
