@@ -166,7 +166,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if start and is_main:  # printed even without a progress bar: a resume should never be silent
       print(f"resumed from the checkpoint at step {start} in {checkpointer.directory}", flush=True)
     last_log_time, last_log_step = None, start
-    final_metrics: dict[str, Any] = {}
     stopped_by = None
 
     def save(step):
@@ -197,8 +196,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           now = time.perf_counter()
           tokens_per_s = (step - last_log_step) * t.batch_size * t.seq_len / max(now - last_log_time, 1e-9)
           last_log_time, last_log_step = now, step
-          host = jax.device_get(metrics)
-          logged = {"loss": loss, "lr": float(host["lr"]), "grad_norm": float(host["grad_norm"]),
+          logged = {"loss": loss, "lr": float(metrics["lr"]), "grad_norm": grad_norm,
                     "tokens_per_s": tokens_per_s}
           logger.write(step, logged)
           progress.update(step, loss=loss, tokens_per_s=tokens_per_s, force=True)
