@@ -9,6 +9,8 @@ keep-N rotation after a *successful* save.
 import logging
 import os
 import sys
+import traceback
+import warnings
 from typing import Any
 
 import jax
@@ -42,7 +44,8 @@ def _drop_aborted_restore_noise() -> None:
   coroutines are finalized with their exceptions unretrieved. Python reports each as an unraisable exception,
   a traceback on stderr around the one-line error, some after the restore has returned. So this filter is
   installed before restoring and stays; only those two kinds are dropped, anything else still reaches the
-  previous hook.
+  previous hook. asyncio's log reports and the never-awaited warnings of those orphaned orbax reads are
+  filtered at the same time.
   """
   previous = sys.unraisablehook
   if getattr(previous, "_drops_aborted_restore_noise", False):
@@ -54,19 +57,30 @@ def _drop_aborted_restore_noise() -> None:
 
   hook._drops_aborted_restore_noise = True
   sys.unraisablehook = hook
+  logging.getLogger("asyncio").addFilter(_DropAbortedRestoreTasks())
+  # Reads that never started are reported at interpreter exit; these are orbax's read coroutines only.
+  warnings.filterwarnings("ignore", category=RuntimeWarning,
+                          message=r"coroutine '(_read_\w+|async_deserialize)' was never awaited")
 
 
 class _DropAbortedRestoreTasks(logging.Filter):
-  """Drops asyncio's reports of unretrieved / destroyed orbax read tasks after a failed restore.
+  """Drops asyncio's reports of unretrieved / destroyed orbax read tasks and futures after a failed restore.
 
   The sibling reads of a failed restore are garbage-collected later, and asyncio logs each on stderr after
-  the one-line error; installed only once a restore has failed, and only orbax tasks are dropped.
+  the one-line error. Only orbax tasks are dropped.
   """
 
   def filter(self, record: logging.LogRecord) -> bool:
     message = record.getMessage()
-    return not (message.startswith(("Task exception was never retrieved", "Task was destroyed but it is pending"))
-                and f"{os.sep}orbax{os.sep}" in message)
+    first_line = message.split("\n", 1)[0]
+    orphaned = first_line.endswith("exception was never retrieved") or first_line.startswith(
+        "Task was destroyed but it is pending")  # a Task or a _GatheringFuture of the restore's reads
+    if not orphaned:
+      return True
+    if record.exc_info and record.exc_info[2] is not None:  # the orbax frames are often only in here
+      message += "".join(traceback.format_tb(record.exc_info[2]))
+    # orbax's own frames, or TensorStore's read error for the checkpoint's OCDBT files (raw read futures)
+    return not (f"{os.sep}orbax{os.sep}" in message or "in OCDBT database at" in message)
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -130,7 +144,6 @@ class Checkpointer:
     try:
       return self._manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # orbax raises many types for corrupt/truncated files; report one sentence.
-      logging.getLogger("asyncio").addFilter(_DropAbortedRestoreTasks())
       reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
       reason = reason.split(" See full TensorStore details")[0][:200]  # that part is a bound-method repr
       raise CheckpointError(f"the checkpoint at {where} is unreadable or does not match this model "
