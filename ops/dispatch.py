@@ -4,13 +4,26 @@ Each op keeps a dict {"reference": ..., "xla": ..., "pallas": ...}; `impl=None` 
 spelling) picks the best one for `jax.default_backend()`; an explicit name that cannot run here raises.
 """
 
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 
 # Best available implementation per backend, for ops that do not override it. Pallas joins per op as its
 # kernels land.
 DEFAULT_IMPL: Mapping[str, str] = {"cpu": "xla", "gpu": "xla", "tpu": "xla"}
+# For ops whose Pallas kernels exist on both accelerators.
+PALLAS_ON_ACCELERATORS: Mapping[str, str] = {"cpu": "xla", "gpu": "pallas", "tpu": "pallas"}
+
+
+def pallas_kernel(op_name: str, kernels: Mapping[str, Any], interpret: bool) -> Any:
+  """The kernel module for impl="pallas": the backend's own, or the TPU kernel interpreted on CPU."""
+  backend = jax.default_backend()
+  if backend in kernels:
+    return kernels[backend]
+  if interpret:
+    return kernels["tpu"]
+  raise ValueError(f"{op_name} impl='pallas' needs a TPU or GPU (the backend is {backend!r}); pass "
+                   f"interpret=True to run the kernel in interpret mode, or use impl='xla'.")
 
 
 def not_implemented(op_name: str, impl: str, *alternatives: str) -> Callable[..., None]:

@@ -3,7 +3,11 @@
 Public entry: `attention`. Implementations (`impl`):
   "reference": `ops.attention.reference`, materialised f32 logits, the test oracle.
   "xla":       `ops.attention.xla`, blockwise flash-style forward and custom-VJP backward in pure JAX.
-  "pallas":    not implemented yet (raises NotImplementedError).
+  "pallas":    the Pallas kernel of the current backend: `ops.attention.pallas_tpu` (Mosaic TPU) on TPU,
+               `ops.attention.pallas_gpu` on GPU; on CPU it needs interpret=True and runs the TPU kernel
+               in interpret mode. "pallas_tpu" / "pallas_gpu" force one kernel (e.g. to interpret the GPU
+               kernel on CPU).
+`impl=None` picks "pallas" on TPU and GPU and "xla" on CPU.
 """
 
 import functools
@@ -13,6 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from ops import dispatch
+from ops.attention import pallas_gpu
+from ops.attention import pallas_tpu
 from ops.attention import reference
 from ops.attention import xla
 from ops.attention.block_sizes import BlockSizes
@@ -30,12 +36,26 @@ def _xla(q, k, v, *, interpret, **kwargs):
   return xla.attention(q, k, v, **kwargs)
 
 
-# impl name -> callable taking canonical arguments (see `attention`). Adding Pallas is one entry here
-# (plus, when it should be the default somewhere, a `defaults` mapping for ops.dispatch.resolve_impl).
+def _pallas(q, k, v, *, interpret, **kwargs):
+  kernel = dispatch.pallas_kernel("ops.attention", {"tpu": pallas_tpu, "gpu": pallas_gpu}, interpret)
+  return kernel.attention(q, k, v, interpret=interpret, **kwargs)
+
+
+def _pallas_tpu(q, k, v, **kwargs):
+  return pallas_tpu.attention(q, k, v, **kwargs)
+
+
+def _pallas_gpu(q, k, v, **kwargs):
+  return pallas_gpu.attention(q, k, v, **kwargs)
+
+
+# impl name -> callable taking canonical arguments (see `attention`).
 IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
     "reference": _reference,
     "xla": _xla,
-    "pallas": dispatch.not_implemented("ops.attention", "pallas", "xla", "reference"),
+    "pallas": _pallas,
+    "pallas_tpu": _pallas_tpu,
+    "pallas_gpu": _pallas_gpu,
 }
 
 def _check_int(name: str, x: Any, shape: tuple[int, ...]) -> None:
@@ -113,7 +133,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
       deletion); a [B, Hkv, S] bias applies to all query heads of that kv group.
     signed: Cog attention weights.
     scale: logit scale (Python float), default D ** -0.5.
-    impl: None or "" (best for jax.default_backend(): "xla" today), "reference", "xla" or "pallas".
+    impl: None or "" (best for jax.default_backend(): "pallas" on TPU/GPU, "xla" on CPU), "reference",
+      "xla", "pallas", "pallas_tpu" or "pallas_gpu".
     interpret: run Pallas kernels in interpret mode (ignored by "reference" and "xla").
     q_positions: [B, T] (or [T]) int positions of the queries, default arange(T) + (S - T), i.e. the
       query block is aligned to the end of the keys (decode / chunked prefill).
@@ -127,9 +148,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
 
   Raises:
     ValueError: on inconsistent shapes/dtypes or an unknown impl.
-    NotImplementedError: for impl="pallas" (not written yet).
+    ValueError: also for impl="pallas" on CPU without interpret=True.
   """
-  name = dispatch.resolve_impl("attention", impl, IMPLEMENTATIONS)
+  name = dispatch.resolve_impl("attention", impl, IMPLEMENTATIONS, dispatch.PALLAS_ON_ACCELERATORS)
   q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
   for arg_name, x in (("q", q), ("k", k), ("v", v)):
     if x.ndim != 4:

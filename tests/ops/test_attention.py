@@ -1,7 +1,11 @@
-"""Tests for ops.attention: the XLA implementation against the f32 reference, and the reference's maths.
+"""Tests for ops.attention: the XLA and Pallas implementations against the f32 reference, and the
+reference's maths.
 
-XLA compiles dominate the runtime on CPU, so inputs come from numpy, forward+backward are jitted together,
-and most tests share one shape (B=2, T=37, H=4, Hkv=2, D=16) so compiled executables are reused.
+Both Pallas kernels run in interpret mode on CPU ("pallas_tpu" through `pltpu.InterpretParams()`,
+"pallas_gpu" through the generic interpreter): every call here passes interpret=True, which the reference
+and XLA implementations ignore. XLA compiles dominate the runtime on CPU, so inputs come from numpy,
+forward+backward are jitted together, and most tests share one shape (B=2, T=37, H=4, Hkv=2, D=16) so
+compiled executables are reused.
 """
 
 import dataclasses
@@ -14,9 +18,16 @@ import pytest
 
 from ops import testing
 from ops.attention import BlockSizes
-from ops.attention import attention
+from ops.attention import attention as _attention
 
-IMPLS = ("reference", "xla")
+# Every call interprets Pallas kernels (the other implementations ignore the flag).
+attention = functools.partial(_attention, interpret=True)
+# The TPU kernel in `pltpu.InterpretParams()` mode simulates the TPU memory system and costs ~50 ms per grid
+# step on CPU, so the full matrix runs it only with --runslow; `test_pallas_tpu_interpret` below covers
+# every feature in the default suite at small grids.
+_TPU_SLOW = pytest.param("pallas_tpu", marks=pytest.mark.slow)
+KERNEL_IMPLS = ("xla", "pallas_gpu", _TPU_SLOW)  # the implementations under test
+IMPLS = ("reference",) + KERNEL_IMPLS
 SMALL_BLOCKS = BlockSizes(block_q=16, block_kv=16)
 B, T, H, HKV, D = 2, 37, 4, 2, 16  # the shared shape: T is not a multiple of the blocks
 
@@ -62,6 +73,8 @@ CASES = {
                                       segments=True, bias="bs"),
     "causal_mqa_T130_D64": Case(batch=1, q_len=130, kv_heads=1, head_dim=64,
                                 blocks=BlockSizes(32, 16)),
+    "bidir_signed_T40_D128_bias": Case(batch=1, q_len=40, heads=2, kv_heads=1, head_dim=128,
+                                       causal=False, signed=True, bias="bs"),
     "causal_T20_S53_end_aligned_default_blocks": Case(q_len=20, kv_len=53, heads=2, kv_heads=1,
                                                       blocks=None),
 }
@@ -84,12 +97,13 @@ def _make_inputs(case: Case, gen, dtype=jnp.float32):
   return (q, k, v, bias, cotangent, segment_ids), kwargs
 
 
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
 @pytest.mark.parametrize("name", list(CASES))
-def test_xla_matches_reference_f32(name):
+def test_matches_reference_f32(name, impl):
   case = CASES[name]
   args, kwargs = _make_inputs(case, testing.rng(name))
   ref = _attn_grads("reference", *args, **kwargs)
-  out = _attn_grads("xla", *args, **kwargs)
+  out = _attn_grads(impl, *args, **kwargs)
   for label, r, x in zip(("o", "dq", "dk", "dv", "dbias"), ref, out):
     if r is None:
       assert x is None
@@ -98,15 +112,16 @@ def test_xla_matches_reference_f32(name):
     testing.assert_close(f"{name}/{label}", r, x, testing.F32_RATIO)
 
 
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
 @pytest.mark.parametrize("signed", [False, True])
-def test_xla_bf16_matches_f32_reference(signed):
+def test_bf16_matches_f32_reference(signed, impl):
   case = Case(head_dim=64, signed=signed, bias="bhs", segments=True)
   (q, k, v, bias, cotangent, seg), kwargs = _make_inputs(case, testing.rng(f"bf16{signed}"),
                                                          jnp.bfloat16)
   bias = bias.astype(jnp.bfloat16)
   # The reference sees exactly the bf16-rounded values, upcast to f32.
   ref = _attn_grads("reference", _f32(q), _f32(k), _f32(v), _f32(bias), cotangent, seg, **kwargs)
-  out = _attn_grads("xla", q, k, v, bias, cotangent, seg, **kwargs)
+  out = _attn_grads(impl, q, k, v, bias, cotangent, seg, **kwargs)
   assert all(x.dtype == jnp.bfloat16 for x in out)
   testing.assert_close("o", ref[0], out[0], testing.BF16_FWD_RATIO)
   for label, r, x in zip(("dq", "dk", "dv", "dbias"), ref[1:], out[1:]):
@@ -357,9 +372,30 @@ def test_xla_never_materialises_full_logits():
   assert _largest_intermediate(jax.make_jaxpr(ref_loss)(*shapes).jaxpr) >= full_logits
 
 
+TPU_INTERPRET_CASES = {
+    # Small grids (<= 2 x 3 tiles per head) that still cross tile boundaries on both axes.
+    "causal_signed_gqa_segments_bias_D64": Case(batch=1, q_len=21, heads=2, kv_heads=1, head_dim=64,
+                                                signed=True, bias="bhs", segments=True,
+                                                blocks=BlockSizes(16, 8)),
+    "bidir_D128_bias": Case(batch=1, q_len=12, kv_len=20, heads=1, kv_heads=1, head_dim=128,
+                            causal=False, bias="bs", blocks=BlockSizes(8, 8)),
+}
+
+
+@pytest.mark.parametrize("name", list(TPU_INTERPRET_CASES))
+def test_pallas_tpu_interpret(name):
+  case = TPU_INTERPRET_CASES[name]
+  args, kwargs = _make_inputs(case, testing.rng(name))
+  ref = _attn_grads("reference", *args, **kwargs)
+  out = _attn_grads("pallas_tpu", *args, **kwargs)
+  for label, r, x in zip(("o", "dq", "dk", "dv", "dbias"), ref, out):
+    assert x.shape == r.shape and x.dtype == r.dtype, label
+    testing.assert_close(f"{name}/{label}", r, x, testing.F32_RATIO)
+
+
 def test_scale_argument():
   q, k, v = testing.random_qkv(testing.rng("scale"), B, T, T, H, HKV, D)
-  for impl in IMPLS:
+  for impl in ("reference", "xla", "pallas_gpu"):
     scaled = attention(q, k, v, scale=0.3, impl=impl, block_sizes=SMALL_BLOCKS)
     default = attention(q * (0.3 / D ** -0.5), k, v, impl=impl, block_sizes=SMALL_BLOCKS)
     testing.assert_close(impl, default, scaled, testing.F32_RATIO)
@@ -372,8 +408,11 @@ def test_impl_dispatch():
   np.testing.assert_array_equal(default, attention(q, k, v, impl=""))
   empty = attention(q, k[:, :0], v[:, :0], impl="xla")  # no keys: every row is fully masked
   assert empty.shape == q.shape and not np.asarray(empty).any()
-  with pytest.raises(NotImplementedError, match="impl='pallas' is not implemented yet"):
-    attention(q, k, v, impl="pallas")
+  # On CPU "pallas" is the TPU kernel in interpret mode, and needs interpret=True.
+  small = (q[:1, :8, :1], k[:1, :8, :1], v[:1, :8, :1])
+  np.testing.assert_array_equal(attention(*small, impl="pallas_tpu"), attention(*small, impl="pallas"))
+  with pytest.raises(ValueError, match="impl='pallas' needs a TPU or GPU"):
+    _attention(q, k, v, impl="pallas")
   with pytest.raises(ValueError, match="'reference', 'xla', 'pallas'"):
     attention(q, k, v, impl="cuda")
 
