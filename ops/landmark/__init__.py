@@ -1,0 +1,186 @@
+"""Landmark grouped-softmax attention, training form (specs/attention_variants.md §2.2, §2.5, §2.9).
+
+Public entry: `landmark_attention`. Implementations (`impl`):
+  "reference": `ops.landmark.reference`, materialised f32 weights, the test oracle (any key layout).
+  "xla":       `ops.landmark.xla`, blockwise forward (online softmax over landmark scores, spec §2.5)
+               and a blockwise custom-VJP backward in pure JAX; needs the slot layout described there.
+  "pallas":    not implemented yet (raises NotImplementedError).
+The inference top-k retrieval form lives in `ops.landmark.retrieval`.
+"""
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ops import dispatch
+from ops.landmark import reference
+from ops.landmark import xla
+from ops.landmark.block_sizes import BlockSizes
+
+__all__ = ["landmark_attention", "BlockSizes", "IMPLEMENTATIONS", "EMPTY_SLOT"]
+
+EMPTY_SLOT = reference.EMPTY_SLOT  # kv position of an unfilled cache slot (never visible)
+
+
+def _reference(q, k, v, *, block_sizes, interpret, **kwargs):
+  del block_sizes, interpret  # The oracle has no tiling.
+  return reference.landmark_attention(q, k, v, **kwargs)
+
+
+def _xla(q, k, v, *, interpret, **kwargs):
+  del interpret  # Only meaningful for Pallas kernels.
+  return xla.landmark_attention(q, k, v, **kwargs)
+
+
+IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
+    "reference": _reference,
+    "xla": _xla,
+    "pallas": dispatch.not_implemented("ops.landmark", "pallas", "xla", "reference"),
+}
+
+
+def _check_int(name: str, x: Any, shape: tuple[int, ...]) -> None:
+  """Validates an integer [B, L] array ([L] is also accepted and broadcast over the batch)."""
+  x_shape, x_dtype = jnp.shape(x), jnp.result_type(x)
+  if x_shape not in (shape, shape[1:]) or not jnp.issubdtype(x_dtype, jnp.integer):
+    raise ValueError(f"{name} must be an integer array of shape {shape} (batch, length), "
+                     f"got {x_dtype} {x_shape}.")
+
+
+def _int_or_none(x: jax.Array | None, shape: tuple[int, ...]) -> jax.Array | None:
+  return None if x is None else jnp.broadcast_to(x, shape).astype(jnp.int32)
+
+
+def _check_slot_layout(kv_positions: Any) -> None:
+  """Raises if concrete kv_positions break the "xla" layout (slot j holds position j or is empty)."""
+  if kv_positions is None or isinstance(kv_positions, jax.core.Tracer):
+    return  # default layout, or traced (documented requirement, cannot be checked here)
+  if not xla.layout_ok(np.asarray(kv_positions)):
+    raise ValueError("impl='xla' needs key slot j to hold position j or EMPTY_SLOT (INT32_MAX) in "
+                     "kv_positions; use impl='reference' for other layouts.")
+
+
+@functools.partial(jax.jit, static_argnames=("impl", "block_size", "scale", "block_sizes",
+                                             "interpret"))
+def _canonical_call(q, k, v, segment_ids, kv_segment_ids, q_positions, kv_positions, *, impl,
+                    block_size, scale, block_sizes, interpret):
+  """Fills defaults, brings every argument to the canonical form the implementations take, calls impl.
+
+  Jitted so that the small canonicalisation ops never run (and compile) one by one in eager mode.
+  """
+  b, t = q.shape[:2]
+  s = k.shape[1]
+  if q_positions is None:
+    q_positions = jnp.arange(t, dtype=jnp.int32) + (s - t)
+  if kv_positions is None:
+    kv_positions = jnp.arange(s, dtype=jnp.int32)
+  if segment_ids is not None and kv_segment_ids is None:
+    kv_segment_ids = segment_ids
+  return IMPLEMENTATIONS[impl](
+      q, k, v, q_positions=_int_or_none(q_positions, (b, t)),
+      kv_positions=_int_or_none(kv_positions, (b, s)),
+      segment_ids=_int_or_none(segment_ids, (b, t)),
+      kv_segment_ids=_int_or_none(kv_segment_ids, (b, s)), block_size=block_size, scale=scale,
+      block_sizes=block_sizes, interpret=interpret)
+
+
+def landmark_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block_size: int,
+                       scale: float | None = None, segment_ids: jax.Array | None = None,
+                       kv_segment_ids: jax.Array | None = None,
+                       q_positions: jax.Array | None = None,
+                       kv_positions: jax.Array | None = None, impl: str | None = None,
+                       interpret: bool = False,
+                       block_sizes: BlockSizes | None = None) -> jax.Array:
+  """Causal landmark attention with the grouped softmax of specs/attention_variants.md §2.2.
+
+  Positions are positions in the landmark-expanded token stream: position p is a landmark iff
+  p % block_size == block_size - 1 (block_size counts the landmark), and belongs to block p // block_size.
+  Key j is visible to query i iff kv_positions_j <= q_positions_i, kv_positions_j != EMPTY_SLOT
+  (INT32_MAX, an unfilled cache slot) and, with segment ids, the segments match. With s_ij the scaled
+  score, Z_i = sum over visible regular keys of the query's block of e^{s_ij} + sum over visible landmarks
+  l_b of earlier blocks of e^{s_{i,l_b}}; a current-block regular key gets e^{s_ij} / Z_i, a regular key
+  of earlier block b gets (e^{s_{i,l_b}} / Z_i) * softmax over b's visible regular keys, landmarks get 0
+  (the current block's own landmark is masked even for the landmark query itself). In the first block
+  this is plain causal softmax. Fully masked rows give o = 0 (never NaN). Full equations:
+  `ops.landmark.reference`.
+
+  Args:
+    q: [B, T, H, D] queries.
+    k: [B, S, Hkv, D] keys, H % Hkv == 0 (GQA / MQA).
+    v: [B, S, Hkv, D] values.
+    block_size: landmark block size (block_size - 1 regular tokens + 1 landmark), an int >= 2.
+    scale: logit scale (Python float), default D ** -0.5.
+    segment_ids: [B, T] int segment of each query (and of each key when kv_segment_ids is None, which
+      then requires S == T).
+    kv_segment_ids: [B, S] int segment of each key; requires segment_ids.
+    q_positions: [B, T] (or [T]) int, default arange(T) + (S - T) (queries at the end of the keys).
+    kv_positions: [B, S] (or [S]) int, default arange(S); EMPTY_SLOT marks an unfilled slot. impl="xla"
+      needs slot j to hold position j or EMPTY_SLOT (true for training and for a decode cache filled
+      from 0); concrete arrays are checked, traced ones are trusted. "reference" takes any layout.
+    impl: None or "" (best for jax.default_backend(): "xla" today), "reference", "xla" or "pallas".
+    interpret: run Pallas kernels in interpret mode (ignored by "reference" and "xla").
+    block_sizes: tiles for "xla", default `BlockSizes.get_default(T, S, D, block_size)`; block_kv
+      must be a multiple of block_size.
+
+  Returns:
+    o: [B, T, H, D] in q.dtype (computed in f32).
+
+  Raises:
+    ValueError: on inconsistent shapes/dtypes, a bad block_size or block_sizes, or an unknown impl.
+    NotImplementedError: for impl="pallas" (not written yet).
+  """
+  name = dispatch.resolve_impl("landmark_attention", impl, IMPLEMENTATIONS)
+  if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 2:
+    raise ValueError(f"block_size must be an int >= 2 (regular tokens + 1 landmark), got "
+                     f"{block_size!r}.")
+  block_size = int(block_size)
+  q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+  for arg_name, x in (("q", q), ("k", k), ("v", v)):
+    if x.ndim != 4:
+      raise ValueError(f"{arg_name} must have rank 4 ([batch, length, heads, head_dim]), "
+                       f"got shape {x.shape}.")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f"{arg_name} must be a floating-point array, got {x.dtype}.")
+  b, t, h, d = q.shape
+  s, hkv = k.shape[1], k.shape[2]
+  if v.shape != k.shape:
+    raise ValueError(f"k and v must have the same shape [B, S, Hkv, D], got {k.shape} and {v.shape}.")
+  if k.shape[0] != b:
+    raise ValueError(f"q and k must have the same batch size, got {b} and {k.shape[0]}.")
+  if k.shape[3] != d:
+    raise ValueError(f"q and k must have the same head_dim, got {d} and {k.shape[3]}.")
+  if hkv == 0 or h % hkv:
+    raise ValueError(f"The number of query heads ({h}) must be a multiple of the number of kv heads "
+                     f"({hkv}).")
+  if segment_ids is None:
+    if kv_segment_ids is not None:
+      raise ValueError("kv_segment_ids requires segment_ids (the query segments).")
+  else:
+    _check_int("segment_ids", segment_ids, (b, t))
+    if kv_segment_ids is not None:
+      _check_int("kv_segment_ids", kv_segment_ids, (b, s))
+    elif s != t:
+      raise ValueError(f"segment_ids without kv_segment_ids needs as many keys as queries, got "
+                       f"T={t} and S={s}; pass kv_segment_ids of shape ({b}, {s}).")
+  if q_positions is not None:
+    _check_int("q_positions", q_positions, (b, t))
+  if kv_positions is not None:
+    _check_int("kv_positions", kv_positions, (b, s))
+  if block_sizes is None:
+    block_sizes = BlockSizes.get_default(t, s, d, block_size)
+  elif not isinstance(block_sizes, BlockSizes):
+    raise ValueError(f"block_sizes must be a BlockSizes or None, got {type(block_sizes).__name__}.")
+  elif block_sizes.block_kv % block_size:
+    raise ValueError(f"block_sizes.block_kv ({block_sizes.block_kv}) must be a multiple of "
+                     f"block_size ({block_size}).")
+  if name == "xla":
+    _check_slot_layout(kv_positions)
+  if t == 0 or s == 0:  # no queries, or no keys (every row fully masked): exact zeros
+    return jnp.zeros(q.shape, q.dtype)
+  return _canonical_call(q, k, v, segment_ids, kv_segment_ids, q_positions, kv_positions,
+                         impl=name, block_size=block_size,
+                         scale=d ** -0.5 if scale is None else float(scale),
+                         block_sizes=block_sizes, interpret=bool(interpret))

@@ -1,0 +1,67 @@
+"""Tile sizes for the blockwise landmark attention (`ops.landmark.xla`).
+
+Queries are tiled into blocks of `block_q` rows and keys into blocks of `block_kv` slots. `block_kv` must
+be a multiple of the landmark block size so every key tile holds whole landmark blocks (spec §2.5: the
+Triton kernel uses one landmark block per key tile; here a tile may hold several). The Pallas kernels (a
+later issue) will read the same dataclass.
+"""
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+def _round_up(x: int, multiple: int) -> int:
+  return -(-x // multiple) * multiple
+
+
+def _is_positive_int(value) -> bool:
+  # bool is an int subclass; reject it so `BlockSizes(True, 8)` is not silently a block of 1.
+  return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tile sizes of the blockwise landmark attention forward and backward.
+
+  Attributes:
+    block_q: query rows per tile; clamped to the query length (rounded up to 8).
+    block_kv: key slots per tile; must be a multiple of the landmark block_size of the call (checked by
+      `ops.landmark.landmark_attention`); clamped to the key length rounded up to the landmark block.
+  """
+  block_q: int = 256
+  block_kv: int = 256
+
+  def __post_init__(self):
+    for name in ("block_q", "block_kv"):
+      value = getattr(self, name)
+      if not _is_positive_int(value):
+        raise ValueError(f"BlockSizes.{name} must be a positive int, got {value!r}.")
+
+  @classmethod
+  def get_default(cls, q_len: int, kv_len: int, head_dim: int, block_size: int,
+                  dtype: Any = jnp.float32, backend: str | None = None) -> "BlockSizes":
+    """Default tiles for one call: about 256 x 256, block_kv a multiple of the landmark block size.
+
+    A heuristic, not a tuned table. Each tile materialises a few [block_q, block_kv] f32 arrays per
+    (batch, head), so 256 x 256 keeps them small; short sequences use one tile. `dtype` and `backend`
+    are accepted for future per-backend tuning and ignored today.
+
+    Args:
+      q_len: number of queries T.
+      kv_len: number of key slots S.
+      head_dim: head dimension D.
+      block_size: landmark block size (regular tokens + 1 landmark), >= 2.
+      dtype: input dtype of q/k/v.
+      backend: `jax.default_backend()` name; None means the current default.
+
+    Returns:
+      A `BlockSizes` whose block_kv is a multiple of block_size.
+    """
+    del dtype, backend  # Same heuristic everywhere until benchmarks say otherwise.
+    block_q = 128 if head_dim > 128 else 256
+    block_kv = block_size * max(1, 256 // block_size)
+    return cls(block_q=min(block_q, _round_up(max(q_len, 1), 8)),
+               block_kv=min(block_kv, _round_up(max(kv_len, 1), block_size)))
