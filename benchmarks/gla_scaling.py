@@ -20,15 +20,14 @@ import argparse
 import datetime
 import os
 import platform
-import statistics
 import sys
-import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import timing
 from ops.attention import attention
 from ops.gla import gla
 
@@ -112,37 +111,12 @@ def _op_functions(name: str, args: argparse.Namespace,
   return fwd, fwd_bwd, operands
 
 
-def _mib(stats: Any) -> float | None:
-  if stats is None:
-    return None
-  total = (stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
-           - stats.alias_size_in_bytes)
-  return total / 2**20
-
-
 def _measure(fn: Callable[..., Any], operands: tuple, args: argparse.Namespace) -> dict[str, Any]:
-  """Compiles `fn` ahead of time, warms up, and returns median ms, runs, compile s and MiB."""
-  start = time.perf_counter()
-  compiled = jax.jit(fn).lower(*operands).compile()
-  compile_s = time.perf_counter() - start
-  try:
-    memory = _mib(compiled.memory_analysis())
-  except Exception:  # noqa: BLE001 - not every backend/version provides the analysis
-    memory = None
-  for _ in range(args.warmup):
-    jax.block_until_ready(compiled(*operands))
-  times, spent = [], 0.0
-  while len(times) < max(args.repeats, 1) and (not times or spent < args.cell_seconds):
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(*operands))
-    times.append(time.perf_counter() - start)
-    spent += times[-1]
-  return {"ms": 1e3 * statistics.median(times), "runs": len(times), "compile_s": compile_s,
-          "mib": memory}
+  return timing.measure(fn, operands, warmup=args.warmup, repeats=args.repeats,
+                        cell_seconds=args.cell_seconds)
 
 
-def _fmt(value: float | None, digits: int = 1) -> str:
-  return "n/a" if value is None else f"{value:,.{digits}f}"
+_fmt = timing.fmt
 
 
 def run(args: argparse.Namespace) -> str:

@@ -1,0 +1,46 @@
+"""Timing helpers shared by the benchmark scripts (METHOD: compile first, warm up, report medians).
+
+Every measurement compiles ahead of time (compile time is reported separately), runs `warmup` times, then
+times up to `repeats` runs, each ended by `jax.block_until_ready`, stopping early once `cell_seconds` of
+timed wall time is spent (at least one run). The result is the median.
+"""
+
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+
+
+def _mib(stats: Any) -> float | None:
+  if stats is None:
+    return None
+  total = (stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
+           - stats.alias_size_in_bytes)
+  return total / 2**20
+
+
+def measure(fn: Callable[..., Any], operands: tuple, *, warmup: int = 1, repeats: int = 5,
+            cell_seconds: float = 30.0) -> dict[str, Any]:
+  """{"ms": median ms, "runs": timed runs, "compile_s": s, "mib": XLA buffer estimate or None}."""
+  start = time.perf_counter()
+  compiled = jax.jit(fn).lower(*operands).compile()
+  compile_s = time.perf_counter() - start
+  try:
+    memory = _mib(compiled.memory_analysis())
+  except Exception:  # noqa: BLE001 - not every backend/version provides the analysis
+    memory = None
+  for _ in range(warmup):
+    jax.block_until_ready(compiled(*operands))
+  times, spent = [], 0.0
+  while len(times) < max(repeats, 1) and (not times or spent < cell_seconds):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*operands))
+    times.append(time.perf_counter() - start)
+    spent += times[-1]
+  return {"ms": 1e3 * statistics.median(times), "runs": len(times), "compile_s": compile_s,
+          "mib": memory}
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+  return "n/a" if value is None else f"{value:,.{digits}f}"
