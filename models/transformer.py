@@ -33,6 +33,22 @@ def layer_mixers(config: Any) -> tuple[str, ...]:
   return mixer
 
 
+def stream_transform(config: Any, mixers: tuple[str, ...]) -> Any:
+  """The stream transform of the first mixer class that has one, or None (the plain token stream).
+
+  A mixer class may define a classmethod `stream_transform(model_config)` returning None or a callable
+  `(lm_module, hidden_states, inputs, segment_ids, positions, *, decode) -> [B, T, D]` that maps the ids to
+  the stream the layers see, calls `hidden_states(ids, segment_ids, positions)` on it (possibly inside
+  `nn.cond`, passing `lm_module`) and maps the result back to one row per input token.
+  """
+  for name in dict.fromkeys(mixers):
+    hook = getattr(get_mixer(name), "stream_transform", None)
+    transform = hook(config) if hook is not None else None
+    if transform is not None:
+      return transform
+  return None
+
+
 class Block(nn.Module):
   """Pre-norm residual block. x [B, T, D] -> [B, T, D] (returns (x, None) under nn.scan)."""
   config: Any
@@ -75,8 +91,6 @@ class TransformerLM(nn.Module):
     mixers = layer_mixers(cfg)
     embed = layers.Embed(layers.padded_vocab_size(cfg.vocab_size, cfg.vocab_pad_multiple), cfg.d_model,
                          dtype, name="embed")
-    x = embed(inputs)
-    x = nn.with_logical_constraint(x, (layers.BATCH, layers.LENGTH, layers.ACT_EMBED))
 
     block = Block
     if cfg.remat != "none":
@@ -85,14 +99,25 @@ class TransformerLM(nn.Module):
                          f"{sorted(_REMAT_POLICIES)}.")
       block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
 
-    if cfg.scan_layers and len(set(mixers)) == 1:
-      stack = nn.scan(block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
-                      in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
-                      metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = stack(cfg, mixers[0], decode=self.decode, scanned=True, name="layers")(x, segment_ids, positions)
-    else:
+    def hidden_states(ids, segment_ids, positions):
+      """ids [B, N] -> the layer stack's output [B, N, D] (also called inside a stream transform)."""
+      x = nn.with_logical_constraint(embed(ids), (layers.BATCH, layers.LENGTH, layers.ACT_EMBED))
+      if cfg.scan_layers and len(set(mixers)) == 1:
+        stack = nn.scan(block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
+                        in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
+        return stack(cfg, mixers[0], decode=self.decode, scanned=True, name="layers")(
+            x, segment_ids, positions)[0]
       for i, mixer in enumerate(mixers):
-        x = block(cfg, mixer, layer_index=i, decode=self.decode, name=f"layer_{i}")(x, segment_ids, positions)
+        x = block(cfg, mixer, layer_index=i, decode=self.decode, name=f"layer_{i}")(
+            x, segment_ids, positions)
+      return x
+
+    transform = stream_transform(cfg, mixers)
+    if transform is None:
+      x = hidden_states(inputs, segment_ids, positions)
+    else:  # the stack runs on a transformed stream (e.g. inserted tokens), contracted back to [B, T, D]
+      x = transform(self, hidden_states, inputs, segment_ids, positions, decode=self.decode)
 
     x = layers.RMSNorm(cfg.norm_eps, dtype, name="final_norm")(x)
     if cfg.tie_embeddings:
