@@ -4,7 +4,13 @@ Public entry: `landmark_attention`. Implementations (`impl`):
   "reference": `ops.landmark.reference`, materialised f32 weights, the test oracle (any key layout).
   "xla":       `ops.landmark.xla`, blockwise forward (online softmax over landmark scores, spec §2.5)
                and a blockwise custom-VJP backward in pure JAX; needs the slot layout described there.
-  "pallas":    not implemented yet (raises NotImplementedError).
+  "pallas":    the fused kernel of spec §2.5 for the current backend, forward and backward Pallas kernels
+               under a custom VJP: `ops.landmark.pallas_tpu` (Mosaic TPU) on TPU,
+               `ops.landmark.pallas_gpu` (Triton lowering, stated interim) on GPU; on CPU it needs
+               interpret=True and runs the TPU kernel in interpret mode. "pallas_tpu" / "pallas_gpu"
+               force one kernel (e.g. to interpret the GPU kernel on CPU). Same slot layout as "xla".
+               Validated in interpret mode only (no TPU/GPU was available to this project).
+`impl=None` picks "pallas" on TPU and GPU and "xla" on CPU.
 The inference top-k retrieval form lives in `ops.landmark.retrieval`.
 """
 
@@ -16,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ops import dispatch
+from ops.landmark import pallas_gpu
+from ops.landmark import pallas_tpu
 from ops.landmark import reference
 from ops.landmark import xla
 from ops.landmark.block_sizes import BlockSizes
@@ -35,11 +43,29 @@ def _xla(q, k, v, *, interpret, **kwargs):
   return xla.landmark_attention(q, k, v, **kwargs)
 
 
+def _pallas(q, k, v, *, interpret, **kwargs):
+  kernel = dispatch.pallas_kernel("ops.landmark", {"tpu": pallas_tpu, "gpu": pallas_gpu}, interpret)
+  return kernel.landmark_attention(q, k, v, interpret=interpret, **kwargs)
+
+
+def _pallas_tpu(q, k, v, **kwargs):
+  return pallas_tpu.landmark_attention(q, k, v, **kwargs)
+
+
+def _pallas_gpu(q, k, v, **kwargs):
+  return pallas_gpu.landmark_attention(q, k, v, **kwargs)
+
+
+# impl name -> callable taking canonical arguments (see `landmark_attention`).
 IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
     "reference": _reference,
     "xla": _xla,
-    "pallas": dispatch.not_implemented("ops.landmark", "pallas", "xla", "reference"),
+    "pallas": _pallas,
+    "pallas_tpu": _pallas_tpu,
+    "pallas_gpu": _pallas_gpu,
 }
+# Implementations that need the slot layout (slot j holds position j or EMPTY_SLOT).
+_SLOT_LAYOUT_IMPLS = ("xla", "pallas", "pallas_tpu", "pallas_gpu")
 
 
 def _check_int(name: str, x: Any, shape: tuple[int, ...]) -> None:
@@ -54,12 +80,12 @@ def _int_or_none(x: jax.Array | None, shape: tuple[int, ...]) -> jax.Array | Non
   return None if x is None else jnp.broadcast_to(x, shape).astype(jnp.int32)
 
 
-def _check_slot_layout(kv_positions: Any) -> None:
-  """Raises if concrete kv_positions break the "xla" layout (slot j holds position j or is empty)."""
+def _check_slot_layout(kv_positions: Any, impl: str) -> None:
+  """Raises if concrete kv_positions break the blockwise layout (slot j holds position j or is empty)."""
   if kv_positions is None or isinstance(kv_positions, jax.core.Tracer):
     return  # default layout, or traced (documented requirement, cannot be checked here)
   if not xla.layout_ok(np.asarray(kv_positions)):
-    raise ValueError("impl='xla' needs key slot j to hold position j or EMPTY_SLOT (INT32_MAX) in "
+    raise ValueError(f"impl={impl!r} needs key slot j to hold position j or EMPTY_SLOT (INT32_MAX) in "
                      "kv_positions; use impl='reference' for other layouts.")
 
 
@@ -118,21 +144,26 @@ def landmark_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block_size: 
     kv_segment_ids: [B, S] int segment of each key; requires segment_ids.
     q_positions: [B, T] (or [T]) int, default arange(T) + (S - T) (queries at the end of the keys).
     kv_positions: [B, S] (or [S]) int, default arange(S); EMPTY_SLOT marks an unfilled slot. impl="xla"
-      needs slot j to hold position j or EMPTY_SLOT (true for training and for a decode cache filled
-      from 0); concrete arrays are checked, traced ones are trusted. "reference" takes any layout.
-    impl: None or "" (best for jax.default_backend(): "xla" today), "reference", "xla" or "pallas".
-    interpret: run Pallas kernels in interpret mode (ignored by "reference" and "xla").
-    block_sizes: tiles for "xla", default `BlockSizes.get_default(T, S, D, block_size)`; block_kv
-      must be a multiple of block_size.
+      and the Pallas impls need slot j to hold position j or EMPTY_SLOT (true for training and for a
+      decode cache filled from 0); concrete arrays are checked, traced ones are trusted. "reference"
+      takes any layout.
+    impl: None or "" (best for jax.default_backend(): "pallas" on TPU/GPU, "xla" on CPU), "reference",
+      "xla", "pallas", "pallas_tpu" or "pallas_gpu".
+    interpret: run Pallas kernels in interpret mode (ignored by "reference" and "xla"); on CPU
+      impl="pallas" needs it.
+    block_sizes: tiles for "xla" and the Pallas kernels, default `BlockSizes.get_default(T, S, D,
+      block_size)`; block_kv must be a multiple of block_size (the GPU kernel rounds tiles to powers
+      of two, see `ops.landmark.pallas_gpu`).
 
   Returns:
     o: [B, T, H, D] in q.dtype (computed in f32).
 
   Raises:
     ValueError: on inconsistent shapes/dtypes, a bad block_size or block_sizes, or an unknown impl.
-    NotImplementedError: for impl="pallas" (not written yet).
+    ValueError: also for impl="pallas" on CPU without interpret=True.
   """
-  name = dispatch.resolve_impl("landmark_attention", impl, IMPLEMENTATIONS)
+  name = dispatch.resolve_impl("landmark_attention", impl, IMPLEMENTATIONS,
+                              dispatch.PALLAS_ON_ACCELERATORS)
   if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 2:
     raise ValueError(f"block_size must be an int >= 2 (regular tokens + 1 landmark), got "
                      f"{block_size!r}.")
@@ -176,8 +207,8 @@ def landmark_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block_size: 
   elif block_sizes.block_kv % block_size:
     raise ValueError(f"block_sizes.block_kv ({block_sizes.block_kv}) must be a multiple of "
                      f"block_size ({block_size}).")
-  if name == "xla":
-    _check_slot_layout(kv_positions)
+  if name in _SLOT_LAYOUT_IMPLS:
+    _check_slot_layout(kv_positions, name)
   if t == 0 or s == 0:  # no queries, or no keys (every row fully masked): exact zeros
     return jnp.zeros(q.shape, q.dtype)
   return _canonical_call(q, k, v, segment_ids, kv_segment_ids, q_positions, kv_positions,

@@ -2,8 +2,9 @@
 
 Queries are tiled into blocks of `block_q` rows and keys into blocks of `block_kv` slots. `block_kv` must
 be a multiple of the landmark block size so every key tile holds whole landmark blocks (spec §2.5: the
-Triton kernel uses one landmark block per key tile; here a tile may hold several). The Pallas kernels (a
-later issue) will read the same dataclass.
+Triton kernel uses one landmark block per key tile; here a tile may hold several). The Pallas kernels
+(`ops.landmark.pallas_tpu`, `ops.landmark.pallas_gpu`) read the same dataclass; the GPU one rounds the
+tiles to powers of two.
 """
 
 import dataclasses
