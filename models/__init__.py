@@ -7,9 +7,10 @@ from typing import Any
 
 import ml_collections
 
-from models import attention  # noqa: F401  (registers the "softmax" and "cog" mixers)
+from models import attention  # noqa: F401  (registers the "softmax", "cog" and "ssa" mixers)
 from models import gla  # noqa: F401  (registers the "gla" mixer)
 from models import landmark  # noqa: F401  (registers the "landmark" mixer)
+from models import selective  # noqa: F401  (registers the "selective" mixer)
 from models import transformer  # noqa: F401  (registers the "transformer" model)
 from models.registry import get_mixer, get_model_class, mixer_names
 

@@ -103,7 +103,9 @@ class TransformerLM(nn.Module):
       """ids [B, N] -> the layer stack's output [B, N, D] (also called inside a stream transform)."""
       x = nn.with_logical_constraint(embed(ids), (layers.BATCH, layers.LENGTH, layers.ACT_EMBED))
       if cfg.scan_layers and len(set(mixers)) == 1:
-        stack = nn.scan(block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
+        # "losses": auxiliary losses sown by mixers (e.g. selective's memory loss), stacked per layer.
+        stack = nn.scan(block, variable_axes={"params": 0, "cache": 0, "losses": 0},
+                        split_rngs={"params": True},
                         in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
                         metadata_params={nn.PARTITION_NAME: "layers"})
         return stack(cfg, mixers[0], decode=self.decode, scanned=True, name="layers")(

@@ -87,30 +87,70 @@ def _apply(model: nn.Module, params: Any, batch: dict[str, jax.Array]) -> jax.Ar
   return model.apply({"params": params}, batch["inputs"], batch.get("segment_ids"), batch.get("positions"))
 
 
+# Flax collection where modules sow auxiliary loss terms (e.g. `self.sow("losses", "aux_loss", value)`);
+# the train step adds the sum of everything sown there to the objective.
+LOSSES_COLLECTION = "losses"
+
+
+def _model_args(batch: dict[str, jax.Array]) -> tuple[Any, Any, Any]:
+  return batch["inputs"], batch.get("segment_ids"), batch.get("positions")
+
+
+def sows_losses(model: nn.Module, params: Any, batch: dict[str, jax.Array]) -> bool:
+  """Whether `model` sows anything into the "losses" collection (decided abstractly, at trace time)."""
+  def sown(params, *args):
+    return model.apply({"params": params}, *args, mutable=[LOSSES_COLLECTION])[1]
+  return bool(jax.tree.leaves(jax.eval_shape(sown, params, *_model_args(batch))))
+
+
+def _apply_with_aux_loss(model: nn.Module, params: Any, batch: dict[str, jax.Array]
+                         ) -> tuple[jax.Array, jax.Array]:
+  """(logits, sum of every value sown into "losses" as a float32 scalar)."""
+  logits, sown = model.apply({"params": params}, *_model_args(batch), mutable=[LOSSES_COLLECTION])
+  aux = sum((jnp.sum(x.astype(jnp.float32)) for x in jax.tree.leaves(sown)), jnp.zeros((), jnp.float32))
+  return logits, aux
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
                tx: optax.GradientTransformation, schedule: optax.Schedule, grad_accum: int = 1
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on a global batch [B, T]; with grad_accum > 1 the batch is split into that many
-  micro-batches whose gradients are summed (the loss is the same weighted mean as without accumulation)."""
+  micro-batches whose gradients are summed (the loss is the same weighted mean as without accumulation).
+
+  Auxiliary losses: when the model sows values into the "losses" collection (e.g. selective attention's
+  memory loss), their sum (per micro-batch) is added to the mean cross-entropy; "loss" is then the whole
+  objective and metrics also carry "aux_loss". Models that sow nothing run exactly as before.
+  """
+  sows = sows_losses(model, state.params, batch)
 
   def sum_loss(params, micro_batch):
-    logits = _apply(model, params, micro_batch)
-    return weighted_nll(logits, micro_batch["targets"], micro_batch["weights"])
+    """(weighted objective sum, (weight sum, weighted aux-loss sum))."""
+    if not sows:
+      logits = _apply(model, params, micro_batch)
+      loss_sum, weight_sum = weighted_nll(logits, micro_batch["targets"], micro_batch["weights"])
+      return loss_sum, (weight_sum, jnp.zeros((), jnp.float32))
+    logits, aux = _apply_with_aux_loss(model, params, micro_batch)
+    loss_sum, weight_sum = weighted_nll(logits, micro_batch["targets"], micro_batch["weights"])
+    # Weighted by the micro-batch's target count, so after the division below the aux term is a mean.
+    aux_sum = aux * jax.lax.stop_gradient(weight_sum)
+    return loss_sum + aux_sum, (weight_sum, aux_sum)
 
   grad_fn = jax.value_and_grad(sum_loss, has_aux=True)
   if grad_accum == 1:
-    (loss_sum, weight_sum), grad_sum = grad_fn(state.params, batch)
+    (loss_sum, (weight_sum, aux_sum)), grad_sum = grad_fn(state.params, batch)
   else:
     micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
 
     def accumulate(carry, micro_batch):
-      (loss_i, weight_i), grad_i = grad_fn(state.params, micro_batch)
-      loss_acc, weight_acc, grad_acc = carry
-      return (loss_acc + loss_i, weight_acc + weight_i, jax.tree.map(jnp.add, grad_acc, grad_i)), None
+      (loss_i, (weight_i, aux_i)), grad_i = grad_fn(state.params, micro_batch)
+      loss_acc, weight_acc, aux_acc, grad_acc = carry
+      return (loss_acc + loss_i, weight_acc + weight_i, aux_acc + aux_i,
+              jax.tree.map(jnp.add, grad_acc, grad_i)), None
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    (loss_sum, weight_sum, grad_sum), _ = jax.lax.scan(
-        accumulate, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros), micro)
+    scalar = jnp.zeros((), jnp.float32)
+    (loss_sum, weight_sum, aux_sum, grad_sum), _ = jax.lax.scan(
+        accumulate, (scalar, scalar, scalar, zeros), micro)
 
   denom = jnp.maximum(weight_sum, 1.0)
   grads = jax.tree.map(lambda g: g / denom, grad_sum)
@@ -118,6 +158,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   params = optax.apply_updates(state.params, updates)
   metrics = {"loss": loss_sum / denom, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step),
              "tokens": weight_sum}
+  if sows:
+    metrics["aux_loss"] = aux_sum / denom
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
