@@ -5,9 +5,10 @@
     python evaluate.py --workdir=runs/x --text_file=notes.txt             # bpb of any text file, whole file
     python evaluate.py --workdir=runs/x --data.source=files --data.paths=docs/ --split=all
     python evaluate.py --workdir=runs/x --tasks=generate --prompt="def main(" --generate.temperature=0.8
+    python evaluate.py --workdir=runs/x --tasks=passkey,mqar --passkey.lengths=1,2,4 --mqar.num_pairs=8
 
-Overrides of the run's saved config use its key paths: --data.*, --eval.*, --generate.*, --model.*
-(or the same with a --config. prefix).
+Overrides of the run's saved config use its key paths: --data.*, --eval.*, --generate.*, --passkey.*,
+--mqar.*, --model.* (or the same with a --config. prefix).
 """
 
 import json
@@ -19,7 +20,8 @@ from absl import flags
 from training import cli
 from training.errors import CheckpointError, ConfigError
 
-_OVERRIDE_SECTIONS = ("config.", "data.", "eval.", "generate.", "model.", "train.", "mesh.")
+_OVERRIDE_SECTIONS = ("config.", "data.", "eval.", "generate.", "passkey.", "mqar.", "model.", "train.",
+                      "mesh.")
 
 
 def _define_flags(fv: flags.FlagValues) -> None:

@@ -81,11 +81,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.dtype = "float32"  # set from train.compute_dtype at run time
 
   config.data = ml_collections.ConfigDict()
-  config.data.source = "bundled"  # bundled | files | single_file
+  config.data.source = "bundled"  # bundled | files | single_file | mqar (synthetic, data/synthetic.py)
   config.data.paths = ()  # files / dirs / globs for source=files; one file for single_file
   config.data.shuffle = True
   config.data.segment_documents = True  # packed documents get segment ids (no cross-document attention)
   config.data.max_corpus_bytes = 0  # 0 = no cap; cap the train split (bytes) for quick experiments
+  config.data.mqar = ml_collections.ConfigDict()  # data.source=mqar (configs/mqar.py)
+  config.data.mqar.num_pairs = (4, 8, 16)  # key-value pairs per sequence, drawn uniformly per sequence
+  config.data.mqar.eval_examples = 256  # sequences per eval split (valid / test) for bits per answer
 
   config.eval = ml_collections.ConfigDict()
   config.eval.split = "valid"  # valid | test
@@ -108,5 +111,21 @@ def get_config() -> ml_collections.ConfigDict:
   config.generate.temperature = 0.0  # 0 = greedy
   config.generate.top_k = 0  # 0 = no top-k filter
   config.generate.seed = 0
+
+  # evaluate.py --tasks=passkey (spec 2.7): greedy answer to a passkey prompt of each length.
+  config.passkey = ml_collections.ConfigDict()
+  config.passkey.lengths = (1, 2, 4, 8, 16)  # prompt lengths in multiples of train.seq_len (bytes)
+  config.passkey.trials = 20  # prompts per length
+  config.passkey.max_new_bytes = 8  # greedy bytes generated; the answer is their first integer
+  config.passkey.batch_size = 4  # prompts decoded together
+  config.passkey.seed = 0
+
+  # evaluate.py --tasks=mqar (Zoology MQAR): teacher-forced accuracy on the query values.
+  config.mqar = ml_collections.ConfigDict()
+  config.mqar.num_pairs = (4, 8, 16, 32)  # one table row per value
+  config.mqar.seq_len = 0  # model input length; 0 = train.seq_len, raised to 4 * num_pairs - 1 if shorter
+  config.mqar.num_examples = 256  # sequences per row
+  config.mqar.batch_size = 32
+  config.mqar.seed = 0
 
   return config

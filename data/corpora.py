@@ -24,6 +24,10 @@ Sources (`config.data.source`):
   90% of its bytes is train, the next 5% valid, the last 5% test; each split is
   one document.
 
+* ``mqar`` (synthetic, no documents): multi-query associative recall sequences
+  built on the fly by ``data/synthetic.py`` (options under ``data.mqar``);
+  ``data/pipeline.py`` serves its batches, so it has no stream here.
+
 Split ``all`` is every document of the source (e.g. to evaluate a checkpoint on
 an arbitrary text file). ``config.data.max_corpus_bytes > 0`` truncates the train
 split to that many bytes (documents in order, the last one cut).
@@ -41,6 +45,7 @@ from data import bytes as byte_vocab
 
 SPLITS = ("train", "valid", "test", "all")
 SOURCES = ("bundled", "files", "single_file")
+SYNTHETIC_SOURCES = ("mqar",)  # generated batch by batch in data/pipeline.py, never read as text
 
 _BUNDLED_EXCLUDED_DIRS = frozenset(
     ("site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo"))
@@ -165,8 +170,12 @@ def _cap(docs: list[bytes], max_bytes: int) -> list[bytes]:
 def load_documents(data_config: Any, split: str) -> list[bytes]:
   """Returns the documents (raw bytes) of one split, in a deterministic order."""
   source = getattr(data_config, "source", "bundled")
+  if source in SYNTHETIC_SOURCES:
+    raise DataError(f"data.source {source!r} is synthetic: it has batches (data/pipeline.py), not "
+                    "documents or a byte stream.")
   if source not in SOURCES:
-    raise DataError(f"unknown data.source {source!r}; expected one of {', '.join(SOURCES)}.")
+    raise DataError(f"unknown data.source {source!r}; expected one of "
+                    f"{', '.join(SOURCES + SYNTHETIC_SOURCES)}.")
   if split not in SPLITS:
     raise DataError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}.")
   paths = _config_paths(data_config)

@@ -17,6 +17,12 @@ stream and process p holds rows [k*G + p*b, k*G + (p+1)*b), so concatenating the
 local batches k of processes 0..P-1 gives exactly a 1-process run's batch k.
 The iterator's state (get_state/set_state, or grain.checkpoint) is one index, so a
 restored iterator continues with exactly the batches the original would produce.
+
+Synthetic source ``mqar`` (data/synthetic.py, options ``data.mqar``): training example
+i is a function of (train.seed, i), batched and sharded exactly as the windows above
+(without shuffling: the examples are already random); eval batches of split s are the
+first ``data.mqar.eval_examples`` examples of stream s (seed 0). Weights mark only
+the query-value targets, so "bits per byte" is then bits per answer.
 """
 
 from typing import Any, Iterator
@@ -26,6 +32,7 @@ import numpy as np
 
 from data import bytes as byte_vocab
 from data import corpora
+from data import synthetic
 
 Batch = dict[str, np.ndarray]
 
@@ -89,6 +96,38 @@ class _TrainWindows:
     return _features(windows, valid, self._segment_documents, eval_weights=False)
 
 
+class _MqarRows:
+  """Maps a [b] array of example indices to an MQAR train batch (picklable for grain)."""
+
+  def __init__(self, mqar_config: Any, seq_len: int, seed: int):
+    self._num_pairs = synthetic.mqar_num_pairs(mqar_config.num_pairs)
+    self._seq_len = seq_len
+    self._seed = seed
+
+  def __call__(self, example_ids: np.ndarray) -> Batch:
+    return synthetic.mqar_batch(example_ids, seed=self._seed, num_pairs=self._num_pairs,
+                                seq_len=self._seq_len, stream="train")
+
+
+def _mqar_config(data_config: Any) -> Any:
+  mqar = getattr(data_config, "mqar", None)
+  if mqar is None:
+    raise corpora.DataError("data.source='mqar' needs the data.mqar options (num_pairs, eval_examples); "
+                            "see configs/base.py.")
+  try:
+    pairs = synthetic.mqar_num_pairs(mqar.num_pairs)
+  except ValueError as e:
+    raise corpora.DataError(f"data.mqar.num_pairs: {e}") from None
+  return mqar, pairs
+
+
+def _check_mqar_seq_len(pairs: tuple[int, ...], seq_len: int) -> None:
+  need = synthetic.mqar_min_seq_len(max(pairs))
+  if seq_len < need:
+    raise corpora.DataError(f"data.source='mqar' with up to {max(pairs)} pairs needs seq_len >= {need} "
+                            f"(4 bytes per pair), got {seq_len}.")
+
+
 def make_train_dataset(data_config: Any, *, seq_len: int, global_batch_size: int, seed: int,
                        process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
   """Returns an infinite grain IterDataset of this process's train batches.
@@ -104,6 +143,13 @@ def make_train_dataset(data_config: Any, *, seq_len: int, global_batch_size: int
   if global_batch_size % process_count:
     raise corpora.DataError(f"the global batch size {global_batch_size} does not divide "
                             f"evenly over {process_count} processes.")
+  local_batch = global_batch_size // process_count
+  if getattr(data_config, "source", "bundled") == "mqar":
+    mqar, pairs = _mqar_config(data_config)
+    _check_mqar_seq_len(pairs, seq_len)
+    ds = grain.MapDataset.range(2**62).batch(local_batch, drop_remainder=True)  # endless in practice
+    ds = ds[process_index::process_count]  # process-major, as the corpus windows
+    return ds.map(_MqarRows(mqar, seq_len, seed)).to_iter_dataset(_READ_OPTIONS)
   stream = corpora.load_stream(data_config, "train")
   num_windows = len(stream) // (seq_len + 1)
   if num_windows < global_batch_size:
@@ -114,7 +160,6 @@ def make_train_dataset(data_config: Any, *, seq_len: int, global_batch_size: int
   ds = grain.MapDataset.range(num_windows)
   if getattr(data_config, "shuffle", True):
     ds = ds.shuffle(seed=_shuffle_seed(seed))
-  local_batch = global_batch_size // process_count
   ds = ds.repeat(None).batch(local_batch, drop_remainder=True)
   ds = ds[process_index::process_count]  # process-major: see the module docstring
   ds = ds.map(_TrainWindows(stream, seq_len, bool(getattr(data_config, "segment_documents",
@@ -143,6 +188,9 @@ def eval_batches(data_config: Any, split: str, *, seq_len: int, batch_size: int,
   if seq_len < 1 or batch_size < 1:
     raise corpora.DataError(f"seq_len ({seq_len}) and the eval batch size ({batch_size}) "
                             "must be positive.")
+  if getattr(data_config, "source", "bundled") == "mqar":
+    yield from _mqar_eval_batches(data_config, split, seq_len, batch_size, max_batches)
+    return
   stream = corpora.load_stream(data_config, split)
   segment_documents = bool(getattr(data_config, "segment_documents", True))
   num_targets = len(stream) - 1
@@ -156,3 +204,25 @@ def eval_batches(data_config: Any, split: str, *, seq_len: int, batch_size: int,
     valid = np.clip(num_targets - starts, 0, seq_len)
     windows = stream[np.minimum(starts[:, None] + span, len(stream) - 1)]
     yield _features(windows, valid, segment_documents, eval_weights=True)
+
+
+def _mqar_eval_batches(data_config: Any, split: str, seq_len: int, batch_size: int,
+                       max_batches: int) -> Iterator[Batch]:
+  """The first data.mqar.eval_examples examples of `split`'s MQAR stream; the last batch padded."""
+  if split not in corpora.SPLITS:
+    raise corpora.DataError(f"unknown split {split!r}; expected one of {', '.join(corpora.SPLITS)}.")
+  mqar, pairs = _mqar_config(data_config)
+  _check_mqar_seq_len(pairs, seq_len)
+  num_examples = int(mqar.eval_examples)
+  if num_examples < 1:
+    raise corpora.DataError(f"data.mqar.eval_examples must be positive, got {num_examples}.")
+  num_batches = -(-num_examples // batch_size)
+  if max_batches > 0:
+    num_batches = min(num_batches, max_batches)
+  for k in range(num_batches):
+    ids = k * batch_size + np.arange(batch_size)
+    batch = synthetic.mqar_batch(ids, seed=0, num_pairs=pairs, seq_len=seq_len, stream=split)
+    beyond = ids >= num_examples  # padding rows of the last batch: no loss, no attention
+    for key in batch:
+      batch[key][beyond] = 0
+    yield batch

@@ -10,7 +10,12 @@ import json
 import math
 import os
 
+import ml_collections
 import pytest
+
+from configs import base
+from training import cli
+from training import evaluation
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 20
@@ -127,13 +132,44 @@ def test_evaluate_generate_writes_a_completion(workdir, evaluate, capsys):
   assert isinstance(metrics["completion"], str) and len(metrics["completion"]) <= 12  # <= 1 char per byte
 
 
+def test_evaluate_passkey_and_mqar_write_tables(workdir, evaluate, capsys):
+  # Lengths are multiples of train.seq_len (32): the prompt's fixed text alone is 247 bytes.
+  assert evaluate.main(["evaluate.py", f"--workdir={workdir}", "--tasks=passkey,mqar", "--passkey.lengths=8,9",
+                        "--passkey.trials=3", "--passkey.batch_size=2", "--mqar.num_pairs=2,4",
+                        "--mqar.num_examples=6", "--mqar.batch_size=4"]) == 0
+  out = capsys.readouterr().out
+  for name, header in (("passkey", ["length_bytes", "length_x_train", "trials", "accuracy"]),
+                       ("mqar", ["num_pairs", "seq_len", "examples", "accuracy", "loss_nats"])):
+    path = os.path.join(workdir, "eval", f"{name}_step{STEPS}.json")
+    assert f"== {name} (step {STEPS}) ==" in out and f"wrote {path}" in out
+    lines = out.splitlines()
+    assert lines[lines.index(f"== {name} (step {STEPS}) ==") + 1].split() == header
+  passkey = _result(workdir, f"passkey_step{STEPS}.json")
+  assert passkey["task"] == "passkey" and passkey["step"] == STEPS
+  assert [(r["length_bytes"], r["length_x_train"], r["trials"]) for r in passkey["rows"]] == [
+      (256, 8, 3), (288, 9, 3)]
+  assert all(0 <= r["accuracy"] <= 1 for r in passkey["rows"])
+  mqar = _result(workdir, f"mqar_step{STEPS}.json")
+  assert [(r["num_pairs"], r["seq_len"], r["examples"]) for r in mqar["rows"]] == [(2, 32, 6), (4, 32, 6)]
+  assert all(0 <= r["accuracy"] <= 1 for r in mqar["rows"])
+
+
 def test_evaluate_unknown_task_is_a_clear_error(workdir, evaluate, capsys):
   before = sorted(os.listdir(os.path.join(workdir, "eval"))) if os.path.isdir(
       os.path.join(workdir, "eval")) else []
   assert evaluate.main(["evaluate.py", f"--workdir={workdir}", "--tasks=nosuch"]) == 1
   captured = capsys.readouterr()
-  assert captured.err.strip() == "error: unknown evaluation task 'nosuch'; available: bpb, generate."
+  assert captured.err.strip() == ("error: unknown evaluation task 'nosuch'; available: bpb, generate, mqar, "
+                                  "passkey.")
   assert "Traceback" not in captured.err
   after = sorted(os.listdir(os.path.join(workdir, "eval"))) if os.path.isdir(
       os.path.join(workdir, "eval")) else []
   assert after == before
+
+
+def test_runs_saved_before_an_eval_section_existed_get_its_defaults():
+  saved = base.get_config().to_dict()
+  del saved["passkey"], saved["mqar"]
+  config = evaluation.fill_eval_sections(ml_collections.ConfigDict(saved))
+  cli.apply_overrides(config, ["--passkey.trials=3"])
+  assert config.passkey.trials == 3 and config.mqar == base.get_config().mqar

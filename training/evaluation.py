@@ -9,6 +9,7 @@ import jax
 import ml_collections
 
 import models
+from configs import base as base_config
 from training import checkpoint as ckpt_lib
 from training import cli
 from training import tasks as task_lib
@@ -28,6 +29,19 @@ def load_run_config(workdir: str, checkpointer: ckpt_lib.Checkpointer, step: int
       except json.JSONDecodeError as e:
         raise ConfigError(f"{path} is not valid JSON ({e}).") from None
   return ml_collections.ConfigDict(checkpointer.restore_config(step))
+
+
+# Sections only evaluation reads: a run saved before one existed gets the current defaults, so its
+# `--<section>.*` overrides work too.
+_EVAL_SECTIONS = ("generate", "passkey", "mqar")
+
+
+def fill_eval_sections(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  defaults = base_config.get_config()
+  for name in _EVAL_SECTIONS:
+    if name not in config and name in defaults:
+      config[name] = defaults[name]
+  return config
 
 
 def restore_params(config: ml_collections.ConfigDict, checkpointer: ckpt_lib.Checkpointer, step: int,
@@ -59,7 +73,7 @@ def evaluate(workdir: str, *, step: int | None = None, tasks: Sequence[str] = ("
   if step not in steps:
     raise CheckpointError(f"no checkpoint for step {step} in {checkpointer.directory}; available steps: "
                           f"{', '.join(map(str, steps))}.")
-  config = load_run_config(workdir, checkpointer, step)
+  config = fill_eval_sections(load_run_config(workdir, checkpointer, step))
   config.eval.max_batches = 0  # evaluate.py reads whole splits unless --eval.max_batches caps it
   cli.apply_overrides(config, overrides)
   if options.get("text_file"):

@@ -1,0 +1,79 @@
+"""Multi-query associative recall (Zoology MQAR; data/synthetic.py): teacher-forced recall accuracy.
+
+For each P in `mqar.num_pairs` the task builds `mqar.num_examples` fresh sequences (stream "eval_task",
+seed `mqar.seed`, so never the training examples) and runs one parallel forward per batch. Accuracy is the
+fraction of query-value positions where the argmax of the logits is the value; chance is 1 / 47 for a model
+that only knows the value alphabet. Rows: num_pairs, seq_len, examples, accuracy, loss_nats (mean -log p of
+the values).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import models
+from data import synthetic
+from training import sharding
+from training import train_step as ts
+from training.errors import ConfigError
+from training.tasks import EvalContext, register_task
+
+
+@functools.partial(jax.jit, static_argnames="model")
+def _recall_counts(model, params, batch):
+  """Sums over the weighted (query-value) targets: argmax hits, count, -log p. Sharding follows batch."""
+  logits = model.apply({"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"])
+  nll_sum, count = ts.weighted_nll(logits, batch["targets"], batch["weights"])
+  hits = jnp.sum((jnp.argmax(logits, axis=-1) == batch["targets"]) * batch["weights"])
+  return {"hits": hits, "count": count, "nll_sum": nll_sum}
+
+
+def mqar_seq_len(requested: int, train_seq_len: int, num_pairs: int) -> int:
+  """mqar.seq_len, or train.seq_len when 0, raised to the 4P - 1 inputs that P pairs need."""
+  return max(int(requested) or int(train_seq_len), synthetic.mqar_min_seq_len(num_pairs))
+
+
+def _section(config, name: str):
+  """config.<name>, or configs/base.py's defaults for a run saved before the section existed."""
+  if name in config:
+    return config[name]
+  from configs import base  # local: only old run directories need it
+  return base.get_config()[name]
+
+
+def _options(ctx: EvalContext):
+  m = _section(ctx.config, "mqar")
+  try:
+    pairs = synthetic.mqar_num_pairs(m.num_pairs)
+  except ValueError as e:
+    raise ConfigError(f"mqar.num_pairs: {e}") from None
+  for name in ("num_examples", "batch_size"):
+    if int(m[name]) < 1:
+      raise ConfigError(f"mqar.{name} must be positive, got {m[name]}.")
+  if int(m.seq_len) < 0:
+    raise ConfigError(f"mqar.seq_len must be 0 (train.seq_len) or positive, got {m.seq_len}.")
+  return m, pairs
+
+
+@register_task("mqar")
+def mqar_task(ctx: EvalContext) -> dict:
+  m, pairs = _options(ctx)
+  model = models.get_model(ctx.config.model)
+  batch_size, num_examples = int(m.batch_size), int(m.num_examples)
+  rows = []
+  for p in pairs:
+    seq_len = mqar_seq_len(m.seq_len, ctx.config.train.seq_len, p)
+    hits = count = nll_sum = 0.0
+    for start in range(0, num_examples, batch_size):
+      ids = start + np.arange(batch_size)
+      batch = synthetic.mqar_batch(ids, seed=int(m.seed), num_pairs=p, seq_len=seq_len, stream="eval_task")
+      batch["weights"][ids >= num_examples] = 0.0  # the last batch is padded to one shape
+      global_batch = sharding.global_batch(sharding.process_rows(batch), ctx.mesh)
+      out = jax.device_get(_recall_counts(model, ctx.params, global_batch))
+      hits, count, nll_sum = hits + float(out["hits"]), count + float(out["count"]), nll_sum + float(
+          out["nll_sum"])
+    rows.append({"num_pairs": p, "seq_len": seq_len, "examples": num_examples,
+                 "accuracy": hits / count, "loss_nats": nll_sum / count})
+  return {"rows": rows, "seed": int(m.seed), "chance": 1.0 / len(synthetic.MQAR_VALUE_BYTES)}
