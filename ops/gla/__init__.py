@@ -5,7 +5,12 @@ Public entries: `gla` (a whole sequence) and `gla_step` (one token, for decoding
   "reference": `ops.gla.reference`, the f32 recurrent `lax.scan` over time, the test oracle.
   "xla":       `ops.gla.xla`, the chunkwise-parallel log-space form with secondary chunking; reverse-mode
                autodiff (custom VJP on the diagonal sub-blocks).
-  "pallas":    not implemented yet (raises NotImplementedError).
+  "pallas":    the Pallas kernel of the current backend: `ops.gla.pallas_tpu` (Mosaic TPU) on TPU,
+               `ops.gla.pallas_gpu` (Triton lowering, a stated interim) on GPU; on CPU it needs
+               interpret=True and runs the TPU kernel in interpret mode. "pallas_tpu" / "pallas_gpu" force
+               one kernel (e.g. to interpret the GPU kernel on CPU). Both are validated in interpret mode
+               only (no TPU or GPU was available).
+`impl=None` picks "pallas" on TPU and GPU and "xla" on CPU.
 """
 
 import functools
@@ -15,6 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from ops import dispatch
+from ops.gla import pallas_gpu
+from ops.gla import pallas_tpu
 from ops.gla import reference
 from ops.gla import xla
 from ops.gla.block_sizes import BlockSizes
@@ -33,12 +40,26 @@ def _xla(q, k, v, log_gate, initial_state, *, scale, block_sizes, interpret):
   return xla.gla(q, k, v, log_gate, initial_state, scale=scale, block_sizes=block_sizes)
 
 
-# impl name -> callable taking canonical arguments (see `gla`). Adding Pallas is one entry here (plus,
-# when it should be the default somewhere, a `defaults` mapping for ops.dispatch.resolve_impl).
+def _pallas(q, k, v, log_gate, initial_state, *, interpret, **kwargs):
+  kernel = dispatch.pallas_kernel("ops.gla", {"tpu": pallas_tpu, "gpu": pallas_gpu}, interpret)
+  return kernel.gla(q, k, v, log_gate, initial_state, interpret=interpret, **kwargs)
+
+
+def _pallas_tpu(q, k, v, log_gate, initial_state, **kwargs):
+  return pallas_tpu.gla(q, k, v, log_gate, initial_state, **kwargs)
+
+
+def _pallas_gpu(q, k, v, log_gate, initial_state, **kwargs):
+  return pallas_gpu.gla(q, k, v, log_gate, initial_state, **kwargs)
+
+
+# impl name -> callable taking canonical arguments (see `gla`).
 IMPLEMENTATIONS: dict[str, Callable[..., tuple[jax.Array, jax.Array]]] = {
     "reference": _reference,
     "xla": _xla,
-    "pallas": dispatch.not_implemented("ops.gla", "pallas", "xla", "reference"),
+    "pallas": _pallas,
+    "pallas_tpu": _pallas_tpu,
+    "pallas_gpu": _pallas_gpu,
 }
 
 
@@ -67,7 +88,8 @@ def gla(q: jax.Array, k: jax.Array, v: jax.Array, log_gate: jax.Array, *,
       gives NaN in the chunked form (spec §1.6: use segment resets instead, once they exist).
     * The output is causal: o_t depends only on positions <= t (and on initial_state).
     * Differentiable w.r.t. q, k, v, log_gate and initial_state: reverse mode for every impl ("xla"
-      has a custom VJP for its diagonal sub-blocks, so `jax.jvp` / `jacfwd` need impl="reference").
+      has a custom VJP for its diagonal sub-blocks and the Pallas kernels one for the whole op, so
+      `jax.jvp` / `jacfwd` need impl="reference").
     * log_gate values summing to ~-1e4 or below within one chunk cost the "xla" impl relative accuracy
       (~|sum| * 6e-8; see `ops.gla.xla`).
 
@@ -79,22 +101,26 @@ def gla(q: jax.Array, k: jax.Array, v: jax.Array, log_gate: jax.Array, *,
       low-precision q/k/v.
     initial_state: [B, H, K, V] S_0 (float; computed in float32), default zeros.
     scale: applied to q (Python float), default K ** -0.5.
-    chunk_size: chunk length C of the "xla" impl (a positive int; ignored by "reference"). Sequences
-      shorter than C use one shorter chunk; results do not depend on C beyond f32 rounding.
-    impl: None or "" (best for jax.default_backend(): "xla" today), "reference", "xla" or "pallas".
+    chunk_size: chunk length C of the "xla" and Pallas impls (a positive int; ignored by "reference").
+      Sequences shorter than C use one shorter chunk; results do not depend on C beyond f32 rounding.
+      The GPU kernel rounds C and c up to powers of two (>= 16); the compiled TPU kernel needs
+      multiples of 8.
+    impl: None or "" (best for jax.default_backend(): "pallas" on TPU/GPU, "xla" on CPU), "reference",
+      "xla", "pallas", "pallas_tpu" or "pallas_gpu".
     interpret: run Pallas kernels in interpret mode (ignored by "reference" and "xla").
-    sub_chunk: secondary chunk length c of the "xla" impl (must divide chunk_size), default the
-      largest divisor of chunk_size <= sqrt(chunk_size) (8 for 64).
+    sub_chunk: secondary chunk length c (must divide chunk_size). Default for "xla": the largest
+      divisor of chunk_size <= sqrt(chunk_size) (8 for 64); for the Pallas kernels 16 when it divides
+      chunk_size (fla's BC), else the same divisor.
 
   Returns:
     o: [B, T, H, V] in q.dtype.
     final_state: [B, H, K, V] float32 S_T (initial_state, upcast, when T == 0).
 
   Raises:
-    ValueError: on inconsistent shapes/dtypes, bad chunk sizes or an unknown impl.
-    NotImplementedError: for impl="pallas" (not written yet).
+    ValueError: on inconsistent shapes/dtypes, bad chunk sizes or an unknown impl; also for
+      impl="pallas" on CPU without interpret=True.
   """
-  name = dispatch.resolve_impl("gla", impl, IMPLEMENTATIONS)
+  name = dispatch.resolve_impl("gla", impl, IMPLEMENTATIONS, dispatch.PALLAS_ON_ACCELERATORS)
   q, k, v, log_gate = (jnp.asarray(x) for x in (q, k, v, log_gate))
   for arg_name, x in (("q", q), ("k", k), ("v", v), ("log_gate", log_gate)):
     if x.ndim != 4:
@@ -118,7 +144,7 @@ def gla(q: jax.Array, k: jax.Array, v: jax.Array, log_gate: jax.Array, *,
         or not jnp.issubdtype(initial_state.dtype, jnp.floating)):
       raise ValueError(f"initial_state must be a float array of shape {(b, h, dk, dv)} "
                        f"([B, H, K, V]), got {initial_state.dtype} {initial_state.shape}.")
-  block_sizes = BlockSizes.get_default(t, chunk_size, sub_chunk)
+  block_sizes = BlockSizes.get_default(t, chunk_size, sub_chunk, kernel=name.startswith("pallas"))
   if t == 0:  # nothing to scan: the state passes through unchanged
     state = (jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None
              else initial_state.astype(jnp.float32))

@@ -3,8 +3,8 @@
 The XLA implementation (`ops.gla.xla`) splits the sequence into chunks of `chunk_size` positions (the
 inter-chunk state is passed between them by a scan) and each chunk into sub-chunks of `sub_chunk`
 positions (secondary chunking, spec §1.1 "Secondary-level chunking"): pairs of different sub-chunks use a
-matmul, the diagonal sub-blocks an elementwise f32 product. The Pallas kernels (a later issue) will read
-the same dataclass.
+matmul, the diagonal sub-blocks an elementwise f32 product. The Pallas kernels (`ops.gla.pallas_tpu`,
+`ops.gla.pallas_gpu`) read the same dataclass, with a kernel default sub-chunk (`get_default(kernel=True)`).
 """
 
 import dataclasses
@@ -13,6 +13,9 @@ import math
 # fla's chunk (spec §1.1 "fla's chunk kernel": BT = 64). fla's sub-chunk BC = 16 lives in registers;
 # here both sub-chunk products are materialised, so the default sub-chunk is ~sqrt(C) instead (8 for 64).
 DEFAULT_CHUNK_SIZE = 64
+# Sub-chunk of the Pallas kernels (fla's BC): they never materialise more than one [c, C] score block, and
+# 16 rows is the smallest tile of Triton's dot and of bf16 sublane packing on TPU.
+KERNEL_SUB_CHUNK = 16
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -50,11 +53,12 @@ class BlockSizes:
 
   @classmethod
   def get_default(cls, seq_len: int, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                  sub_chunk: int | None = None) -> "BlockSizes":
+                  sub_chunk: int | None = None, kernel: bool = False) -> "BlockSizes":
     """Block sizes for one call of length `seq_len` with the caller's `chunk_size`.
 
     sub_chunk defaults to the largest divisor of chunk_size that is <= sqrt(chunk_size) (8 for 64;
-    see the class docstring). Sequences shorter
+    see the class docstring); with kernel=True (the Pallas kernels) to KERNEL_SUB_CHUNK = 16 when it
+    divides chunk_size (fla's BC: 64 / 16), else to that same divisor. Sequences shorter
     than a chunk use one chunk of seq_len rounded up to a multiple of the sub-chunk, so a short
     sequence is not padded to 64. Results do not depend on the choice (up to f32 rounding).
 
@@ -62,6 +66,7 @@ class BlockSizes:
       seq_len: T.
       chunk_size: requested chunk length C (a positive int).
       sub_chunk: requested sub-chunk length (must divide chunk_size), or None.
+      kernel: pick the Pallas kernels' default sub-chunk rather than the XLA one.
 
     Returns:
       A `BlockSizes`.
@@ -71,6 +76,8 @@ class BlockSizes:
     """
     if not _is_positive_int(chunk_size):
       raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
+    if sub_chunk is None and kernel and chunk_size % KERNEL_SUB_CHUNK == 0:
+      sub_chunk = KERNEL_SUB_CHUNK
     if sub_chunk is None:
       sub_chunk = max(d for d in range(1, math.isqrt(chunk_size) + 1) if chunk_size % d == 0)
     blocks = cls(chunk_size=chunk_size, sub_chunk=sub_chunk)  # validates sub_chunk
