@@ -39,7 +39,7 @@ DEFAULTS: dict[str, Any] = {
     "norm_eps": 1e-5,  # fla layer and berlino default
     "feature_map": "none",  # none (paper, fla default) | relu | swish, applied to q and k
     "chunk_size": 64,  # chunk length of the "xla" op (fla: 64)
-    "impl": "",  # "" = follow model.attention_impl; "reference" | "xla" | "pallas"
+    "impl": "",  # "" = model.attention_impl; "reference" | "xla" | "pallas" (Pallas TPU/GPU kernels)
 }
 
 # Packed segments: the log gate at the first token of each segment is replaced so that the state carried

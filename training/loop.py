@@ -39,6 +39,7 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   config.model.dtype = t.compute_dtype
   if isinstance(config.data.paths, str):  # --config.data.paths=a.txt gives a string
     config.data.paths = (config.data.paths,)
+  _check_kernels_can_run(config.model)
   try:
     models.get_model(config.model)  # unknown model/mixer names fail here, before any work
     for name in set(models.transformer.layer_mixers(config.model)):
@@ -46,6 +47,20 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   except ValueError as e:
     raise ConfigError(str(e)) from None
   return config
+
+
+def _check_kernels_can_run(model_config: ml_collections.ConfigDict) -> None:
+  """A Pallas impl on CPU needs interpret mode: say so before anything compiles (else it fails mid-trace)."""
+  if jax.default_backend() in ("gpu", "tpu") or model_config.interpret:
+    return
+  chosen = {"model.attention_impl": model_config.attention_impl}
+  for name, section in model_config.items():
+    if isinstance(section, ml_collections.ConfigDict) and "impl" in section:
+      chosen[f"model.{name}.impl"] = section.impl
+  for key, impl in chosen.items():
+    if isinstance(impl, str) and impl.startswith("pallas"):
+      raise ConfigError(f"{key}={impl!r} needs a TPU or GPU (this backend is {jax.default_backend()!r}); "
+                        f"add --config.model.interpret=true to run the kernels in interpret mode on CPU.")
 
 
 @contextlib.contextmanager

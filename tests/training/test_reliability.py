@@ -219,8 +219,11 @@ def _dir_with_empty_file(tmp_path):
     ([TINY, "--config.data.source=files", "--config.data.paths={empty_dir}"],
      "error: the 'train' split of data source 'files' is empty (0 bytes); every file that data.paths "
      "names is empty"),
+    ([TINY, "--config.model.attention_impl=pallas"],
+     "error: model.attention_impl='pallas' needs a TPU or GPU (this backend is 'cpu'); add "
+     "--config.model.interpret=true"),
 ], ids=["unknown_key", "unknown_section", "bad_config_path", "missing_data_path", "empty_file",
-        "dir_with_empty_file"])
+        "dir_with_empty_file", "pallas_on_cpu_without_interpret"])
 def test_bad_input_is_one_error_line_and_deletes_nothing(straight_run, tmp_path, args, expected):
   paths = {"empty_file": _empty_file(tmp_path), "empty_dir": _dir_with_empty_file(tmp_path)}
   workdir = str(tmp_path / "run")
