@@ -35,18 +35,8 @@ class SelfAttention(nn.Module):
                positions: jax.Array | None = None) -> jax.Array:
     cfg = self.config
     dtype = layers.dtype_of(cfg.dtype)
-    num_heads, num_kv_heads, head_dim = layers.attention_dims(cfg)
     batch, t, _ = x.shape
-    q = layers.DenseGeneral((num_heads, head_dim), (layers.EMBED, layers.HEADS, layers.HEAD_DIM),
-                            dtype=dtype, name="query")(x)
-    k = layers.DenseGeneral((num_kv_heads, head_dim), (layers.EMBED, layers.KV_HEADS, layers.HEAD_DIM),
-                            dtype=dtype, name="key")(x)
-    v = layers.DenseGeneral((num_kv_heads, head_dim), (layers.EMBED, layers.KV_HEADS, layers.HEAD_DIM),
-                            dtype=dtype, name="value")(x)
-    q_projection = q  # W_q x before qk-norm, for the temperature hook
-    if cfg.qk_norm:
-      q = layers.RMSNorm(cfg.norm_eps, dtype, name="query_norm")(q)
-      k = layers.RMSNorm(cfg.norm_eps, dtype, name="key_norm")(k)
+    q, q_projection, k, v = layers.qkv_projections(cfg, x, dtype)  # W_q x before qk-norm: temperatures
 
     q_positions = kv_positions = None
     if self.decode:
@@ -69,9 +59,7 @@ class SelfAttention(nn.Module):
     o = attention(q, k, v, causal=True, segment_ids=segment_ids, signed=self.signed,
                   q_positions=q_positions, kv_positions=kv_positions,
                   impl=cfg.attention_impl or None, interpret=cfg.interpret)
-    o = nn.with_logical_constraint(o, (layers.BATCH, layers.LENGTH, layers.ACT_HEADS, layers.HEAD_DIM))
-    return layers.DenseGeneral((cfg.d_model,), (layers.HEADS, layers.HEAD_DIM, layers.EMBED), in_dims=2,
-                               dtype=dtype, init_scale=(2 * cfg.num_layers) ** -0.5, name="out")(o)
+    return layers.attention_output(cfg, o, dtype)
 
   def temperatures(self, q: jax.Array, v: jax.Array, positions: jax.Array
                    ) -> tuple[jax.Array, jax.Array] | None:

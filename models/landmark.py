@@ -201,17 +201,8 @@ class LandmarkAttention(nn.Module):
     cfg = self.config
     opts = landmark_options(cfg)
     dtype = layers.dtype_of(cfg.dtype)
-    num_heads, num_kv_heads, head_dim = layers.attention_dims(cfg)
     batch, t, _ = x.shape
-    q = layers.DenseGeneral((num_heads, head_dim), (layers.EMBED, layers.HEADS, layers.HEAD_DIM),
-                            dtype=dtype, name="query")(x)
-    k = layers.DenseGeneral((num_kv_heads, head_dim), (layers.EMBED, layers.KV_HEADS, layers.HEAD_DIM),
-                            dtype=dtype, name="key")(x)
-    v = layers.DenseGeneral((num_kv_heads, head_dim), (layers.EMBED, layers.KV_HEADS, layers.HEAD_DIM),
-                            dtype=dtype, name="value")(x)
-    if cfg.qk_norm:
-      q = layers.RMSNorm(cfg.norm_eps, dtype, name="query_norm")(q)
-      k = layers.RMSNorm(cfg.norm_eps, dtype, name="key_norm")(k)
+    q, _, k, v = layers.qkv_projections(cfg, x, dtype)
 
     impl = opts["impl"] or cfg.attention_impl or None
     run = dict(block_size=opts["block_size"], impl=impl, interpret=cfg.interpret)
@@ -238,9 +229,7 @@ class LandmarkAttention(nn.Module):
         run["impl"] = "reference"  # slots do not hold their positions ("xla" layout requirement)
       o = landmark_attention(q, k, v, segment_ids=segment_ids, q_positions=positions,
                              kv_positions=positions, **run)
-    o = nn.with_logical_constraint(o, (layers.BATCH, layers.LENGTH, layers.ACT_HEADS, layers.HEAD_DIM))
-    return layers.DenseGeneral((cfg.d_model,), (layers.HEADS, layers.HEAD_DIM, layers.EMBED), in_dims=2,
-                               dtype=dtype, init_scale=(2 * cfg.num_layers) ** -0.5, name="out")(o)
+    return layers.attention_output(cfg, o, dtype)
 
   def _retrieve(self, q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, q_positions: jax.Array,
                 opts: dict[str, Any]) -> jax.Array:

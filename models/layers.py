@@ -112,6 +112,32 @@ def attention_dims(config: Any) -> tuple[int, int, int]:
   return num_heads, num_kv_heads, head_dim
 
 
+def qkv_projections(config: Any, x: jax.Array, dtype: Any
+                    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """The q, k, v projections every attention-like mixer shares. x [B, T, D] ->
+  (q [B, T, H, Dh] after the optional qk-norm, W_q x [B, T, H, Dh] before it, k and v [B, T, Hkv, Dh]).
+
+  Call it from a mixer's `nn.compact` method: the submodules ("query", "key", "value", "query_norm",
+  "key_norm") are created in, and named under, the calling module.
+  """
+  num_heads, num_kv_heads, head_dim = attention_dims(config)
+  q = DenseGeneral((num_heads, head_dim), (EMBED, HEADS, HEAD_DIM), dtype=dtype, name="query")(x)
+  k = DenseGeneral((num_kv_heads, head_dim), (EMBED, KV_HEADS, HEAD_DIM), dtype=dtype, name="key")(x)
+  v = DenseGeneral((num_kv_heads, head_dim), (EMBED, KV_HEADS, HEAD_DIM), dtype=dtype, name="value")(x)
+  q_projection = q
+  if config.qk_norm:
+    q = RMSNorm(config.norm_eps, dtype, name="query_norm")(q)
+    k = RMSNorm(config.norm_eps, dtype, name="key_norm")(k)
+  return q, q_projection, k, v
+
+
+def attention_output(config: Any, o: jax.Array, dtype: Any) -> jax.Array:
+  """Heads back to the residual stream: o [B, T, H, Dh] -> [B, T, D] ("out", scaled init as the MLP's)."""
+  o = nn.with_logical_constraint(o, (BATCH, LENGTH, ACT_HEADS, HEAD_DIM))
+  return DenseGeneral((config.d_model,), (HEADS, HEAD_DIM, EMBED), in_dims=2, dtype=dtype,
+                      init_scale=(2 * config.num_layers) ** -0.5, name="out")(o)
+
+
 def default_mlp_dim(d_model: int) -> int:
   """SwiGLU width 8/3 * d_model rounded to a multiple of 64 (keeps FLOPs equal to a 4x GELU MLP)."""
   return max(64, int(round(8 * d_model / 3 / 64)) * 64)

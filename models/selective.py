@@ -92,17 +92,8 @@ class SelectiveAttention(nn.Module):
     cfg = self.config
     options = selective_options(cfg)
     dtype = layers.dtype_of(cfg.dtype)
-    num_heads, num_kv_heads, head_dim = layers.attention_dims(cfg)
     batch, t, _ = x.shape
-    q = layers.DenseGeneral((num_heads, head_dim), (layers.EMBED, layers.HEADS, layers.HEAD_DIM),
-                            dtype=dtype, name="query")(x)
-    k = layers.DenseGeneral((num_kv_heads, head_dim), (layers.EMBED, layers.KV_HEADS, layers.HEAD_DIM),
-                            dtype=dtype, name="key")(x)
-    v = layers.DenseGeneral((num_kv_heads, head_dim), (layers.EMBED, layers.KV_HEADS, layers.HEAD_DIM),
-                            dtype=dtype, name="value")(x)
-    if cfg.qk_norm:
-      q = layers.RMSNorm(cfg.norm_eps, dtype, name="query_norm")(q)
-      k = layers.RMSNorm(cfg.norm_eps, dtype, name="key_norm")(k)
+    q, _, k, v = layers.qkv_projections(cfg, x, dtype)
 
     q_positions = kv_positions = bos_mask = column_sums = None
     if self.decode:
@@ -138,9 +129,7 @@ class SelectiveAttention(nn.Module):
       column_sums.value = final_column_sums
     if memory_loss:
       self._sow_memory_loss(outputs[2], positions, segment_ids, options["memory_loss_weight"])
-    o = nn.with_logical_constraint(o, (layers.BATCH, layers.LENGTH, layers.ACT_HEADS, layers.HEAD_DIM))
-    return layers.DenseGeneral((cfg.d_model,), (layers.HEADS, layers.HEAD_DIM, layers.EMBED), in_dims=2,
-                               dtype=dtype, init_scale=(2 * cfg.num_layers) ** -0.5, name="out")(o)
+    return layers.attention_output(cfg, o, dtype)
 
   def _sow_memory_loss(self, masked: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
                        weight: float) -> None:
