@@ -1,7 +1,8 @@
 """Implementation dispatch shared by every op package: `impl` name -> function, best default per backend.
 
-Each op keeps a dict {"reference": ..., "xla": ..., "pallas": ...}; `impl=None` (or "", the config
-spelling) picks the best one for `jax.default_backend()`; an explicit name that cannot run here raises.
+Each op keeps a dict {"reference": ..., "xla": ..., "pallas": ...} (built by `implementations` from its
+modules); `impl=None` (or "", the config spelling) picks the best one for `jax.default_backend()`; an
+explicit name that cannot run here raises.
 """
 
 from typing import Any, Callable, Mapping
@@ -45,3 +46,38 @@ def resolve_impl(op_name: str, impl: str | None, implementations: Mapping[str, C
     raise ValueError(f"Unknown {op_name} impl {impl!r}; valid values are None, "
                      f"{', '.join(repr(name) for name in implementations)}.")
   return impl
+
+
+def implementations(op_name: str, fn_name: str, reference: Any, xla: Any, pallas_tpu: Any = None,
+                    pallas_gpu: Any = None) -> dict[str, Callable[..., Any]]:
+  """The impl table {name: callable taking the op's canonical arguments} of an op package.
+
+  Every module implements the op as `module.<fn_name>(*arrays, **options)`. The canonical call passes
+  `block_sizes` and `interpret` to every impl: "reference" drops both (the oracle has no tiling), "xla"
+  drops `interpret` (only meaningful for Pallas kernels). With kernel modules, "pallas" runs the
+  backend's own kernel (`pallas_kernel`) and "pallas_tpu" / "pallas_gpu" force one.
+  """
+  def run_reference(*args, block_sizes, interpret, **kwargs):
+    del block_sizes, interpret  # The oracle has no tiling.
+    return getattr(reference, fn_name)(*args, **kwargs)
+
+  def run_xla(*args, interpret, **kwargs):
+    del interpret  # Only meaningful for Pallas kernels.
+    return getattr(xla, fn_name)(*args, **kwargs)
+
+  table = {"reference": run_reference, "xla": run_xla}
+  if pallas_tpu is None and pallas_gpu is None:
+    return table
+
+  def run_pallas(*args, interpret, **kwargs):
+    kernel = pallas_kernel(op_name, {"tpu": pallas_tpu, "gpu": pallas_gpu}, interpret)
+    return getattr(kernel, fn_name)(*args, interpret=interpret, **kwargs)
+
+  def run_pallas_tpu(*args, **kwargs):
+    return getattr(pallas_tpu, fn_name)(*args, **kwargs)
+
+  def run_pallas_gpu(*args, **kwargs):
+    return getattr(pallas_gpu, fn_name)(*args, **kwargs)
+
+  table.update(pallas=run_pallas, pallas_tpu=run_pallas_tpu, pallas_gpu=run_pallas_gpu)
+  return table

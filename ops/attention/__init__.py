@@ -11,12 +11,13 @@ Public entry: `attention`. Implementations (`impl`):
 """
 
 import functools
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 from ops import dispatch
+from ops import validation
 from ops.attention import pallas_gpu
 from ops.attention import pallas_tpu
 from ops.attention import reference
@@ -26,48 +27,9 @@ from ops.attention.block_sizes import BlockSizes
 __all__ = ["attention", "BlockSizes", "IMPLEMENTATIONS"]
 
 
-def _reference(q, k, v, *, block_sizes, interpret, **kwargs):
-  del block_sizes, interpret  # The oracle has no tiling.
-  return reference.attention(q, k, v, **kwargs)
-
-
-def _xla(q, k, v, *, interpret, **kwargs):
-  del interpret  # Only meaningful for Pallas kernels.
-  return xla.attention(q, k, v, **kwargs)
-
-
-def _pallas(q, k, v, *, interpret, **kwargs):
-  kernel = dispatch.pallas_kernel("ops.attention", {"tpu": pallas_tpu, "gpu": pallas_gpu}, interpret)
-  return kernel.attention(q, k, v, interpret=interpret, **kwargs)
-
-
-def _pallas_tpu(q, k, v, **kwargs):
-  return pallas_tpu.attention(q, k, v, **kwargs)
-
-
-def _pallas_gpu(q, k, v, **kwargs):
-  return pallas_gpu.attention(q, k, v, **kwargs)
-
-
 # impl name -> callable taking canonical arguments (see `attention`).
-IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
-    "reference": _reference,
-    "xla": _xla,
-    "pallas": _pallas,
-    "pallas_tpu": _pallas_tpu,
-    "pallas_gpu": _pallas_gpu,
-}
-
-def _check_int(name: str, x: Any, shape: tuple[int, ...]) -> None:
-  """Validates an integer [B, L] array ([L] is also accepted and broadcast over the batch)."""
-  x_shape, x_dtype = jnp.shape(x), jnp.result_type(x)
-  if x_shape not in (shape, shape[1:]) or not jnp.issubdtype(x_dtype, jnp.integer):
-    raise ValueError(f"{name} must be an integer array of shape {shape} (batch, length), "
-                     f"got {x_dtype} {x_shape}.")
-
-
-def _int_or_none(x: jax.Array | None, shape: tuple[int, ...]) -> jax.Array | None:
-  return None if x is None else jnp.broadcast_to(x, shape).astype(jnp.int32)
+IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = dispatch.implementations(
+    "ops.attention", "attention", reference, xla, pallas_tpu, pallas_gpu)
 
 
 @functools.partial(jax.jit, static_argnames=("impl", "causal", "signed", "scale", "block_sizes",
@@ -80,23 +42,14 @@ def _canonical_call(q, k, v, segment_ids, kv_segment_ids, q_positions, kv_positi
   """
   b, t = q.shape[:2]
   s = k.shape[1]
-  if q_positions is None:
-    q_positions = jnp.arange(t, dtype=jnp.int32) + (s - t)
-  if kv_positions is None:
-    kv_positions = jnp.arange(s, dtype=jnp.int32)
-  if segment_ids is not None and kv_segment_ids is None:
-    kv_segment_ids = segment_ids
+  seq = validation.sequence_args(b, t, s, q_positions, kv_positions, segment_ids, kv_segment_ids)
   if key_bias is not None:
     # Canonical [B, Hb, S] f32; autodiff maps the cotangent back to the caller's shape and dtype.
     key_bias = key_bias.astype(jnp.float32)
     if key_bias.ndim == 2:
       key_bias = key_bias[:, None, :]
-  return IMPLEMENTATIONS[impl](
-      q, k, v, q_positions=_int_or_none(q_positions, (b, t)),
-      kv_positions=_int_or_none(kv_positions, (b, s)),
-      segment_ids=_int_or_none(segment_ids, (b, t)),
-      kv_segment_ids=_int_or_none(kv_segment_ids, (b, s)), key_bias=key_bias, causal=causal,
-      signed=signed, scale=scale, block_sizes=block_sizes, interpret=interpret)
+  return IMPLEMENTATIONS[impl](q, k, v, **seq, key_bias=key_bias, causal=causal, signed=signed,
+                               scale=scale, block_sizes=block_sizes, interpret=interpret)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
@@ -152,44 +105,20 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
   """
   name = dispatch.resolve_impl("attention", impl, IMPLEMENTATIONS, dispatch.PALLAS_ON_ACCELERATORS)
   q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
-  for arg_name, x in (("q", q), ("k", k), ("v", v)):
-    if x.ndim != 4:
-      raise ValueError(f"{arg_name} must have rank 4 ([batch, length, heads, head_dim]), "
-                       f"got shape {x.shape}.")
-  b, t, h, d = q.shape
+  validation.check_rank4((("q", q), ("k", k), ("v", v)))
+  validation.check_qkv(q, k, v)
+  b, t, _, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
-  if v.shape != k.shape:
-    raise ValueError(f"k and v must have the same shape [B, S, Hkv, D], got {k.shape} and {v.shape}.")
-  if k.shape[0] != b:
-    raise ValueError(f"q and k must have the same batch size, got {b} and {k.shape[0]}.")
-  if k.shape[3] != d:
-    raise ValueError(f"q and k must have the same head_dim, got {d} and {k.shape[3]}.")
-  if hkv == 0 or h % hkv:
-    raise ValueError(f"The number of query heads ({h}) must be a multiple of the number of kv heads "
-                     f"({hkv}).")
-  if segment_ids is None:
-    if kv_segment_ids is not None:
-      raise ValueError("kv_segment_ids requires segment_ids (the query segments).")
-  else:
-    _check_int("segment_ids", segment_ids, (b, t))
-    if kv_segment_ids is not None:
-      _check_int("kv_segment_ids", kv_segment_ids, (b, s))
-    elif s != t:
-      raise ValueError(f"segment_ids without kv_segment_ids needs as many keys as queries, got "
-                       f"T={t} and S={s}; pass kv_segment_ids of shape ({b}, {s}).")
-  if q_positions is not None:
-    _check_int("q_positions", q_positions, (b, t))
-  if kv_positions is not None:
-    _check_int("kv_positions", kv_positions, (b, s))
+  validation.check_segments(segment_ids, kv_segment_ids, b, t, s)
+  validation.check_positions(q_positions, kv_positions, b, t, s)
   if key_bias is not None:
     bias_shape, bias_dtype = jnp.shape(key_bias), jnp.result_type(key_bias)
     if bias_shape not in ((b, s), (b, hkv, s)) or not jnp.issubdtype(bias_dtype, jnp.floating):
       raise ValueError(f"key_bias must be a float array of shape ({b}, {s}) or ({b}, {hkv}, {s}) "
                        f"([B, S] or [B, Hkv, S]), got {bias_dtype} {bias_shape}.")
+  validation.check_block_sizes(block_sizes, BlockSizes)
   if block_sizes is None:
     block_sizes = BlockSizes.get_default(t, s, d, q.dtype, jax.default_backend())
-  elif not isinstance(block_sizes, BlockSizes):
-    raise ValueError(f"block_sizes must be a BlockSizes or None, got {type(block_sizes).__name__}.")
   if t == 0 or s == 0:  # no queries, or no keys (every row fully masked): exact zeros
     return jnp.zeros(q.shape, q.dtype)
   return _canonical_call(q, k, v, segment_ids, kv_segment_ids, q_positions, kv_positions, key_bias,

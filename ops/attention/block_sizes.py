@@ -11,9 +11,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-
-def _round_up(x: int, multiple: int) -> int:
-  return -(-x // multiple) * multiple
+from ops import validation
+from ops.tiling import round_up
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,11 +28,7 @@ class BlockSizes:
   block_kv: int = 512
 
   def __post_init__(self):
-    for name in ("block_q", "block_kv"):
-      value = getattr(self, name)
-      # bool is an int subclass; reject it so `BlockSizes(True, 8)` is not silently a block of 1.
-      if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"BlockSizes.{name} must be a positive int, got {value!r}.")
+    validation.check_positive_int_fields(self, ("block_q", "block_kv"))
 
   @classmethod
   def get_default(cls, q_len: int, kv_len: int, head_dim: int, dtype: Any = jnp.float32,
@@ -60,5 +55,5 @@ class BlockSizes:
     del backend  # Same heuristic on every backend until benchmarks say otherwise.
     block_q = 256 if head_dim > 128 else 512
     block_kv = 512
-    return cls(block_q=min(block_q, _round_up(max(q_len, 1), 8)),
-               block_kv=min(block_kv, _round_up(max(kv_len, 1), 8)))
+    return cls(block_q=min(block_q, round_up(max(q_len, 1), 8)),
+               block_kv=min(block_kv, round_up(max(kv_len, 1), 8)))

@@ -3,7 +3,8 @@ GQA, per-key additive bias, explicit positions. Forward and backward kernels und
 
 Same maths as `ops.attention.xla` (its docstring has the equations; `ops.attention.tile_math` holds the
 per-tile pieces both Pallas backends share). Layout inside the kernels is [B, H, L, D] so a tile is a 2-D
-[block, D] slab; the wrapper transposes and pads.
+[block, D] slab; the wrapper pads and transposes: `ops.pallas_common.TpuFlashLayout` (shared with the
+landmark kernels) does that, builds the BlockSpecs and runs the three `pallas_call`s.
 
 Grids (b, h, outer, inner) with the reduction axis innermost ("arbitrary") and the rest "parallel":
   forward  (b, h, q block, kv block): running m, l [bq, 1] and acc [bq, D] in VMEM scratch; writes o and
@@ -27,46 +28,16 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
 
+from ops import pallas_common
 from ops.attention import tile_math
 from ops.attention.block_sizes import BlockSizes
-
-_Q_PAD_SEGMENT = -1
-_KV_PAD_SEGMENT = -2
-
-
-def _round_up(x: int, multiple: int) -> int:
-  return -(-x // multiple) * multiple
-
-
-def _pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
-  pad = size - x.shape[axis]
-  if pad == 0:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, pad)
-  return jnp.pad(x, widths, constant_values=value)
-
-
-def _interpret_params(interpret: bool):
-  return pltpu.InterpretParams() if interpret else False
-
-
-def _any(mask: jax.Array) -> jax.Array:
-  # A float max rather than a bool reduction: Mosaic lowers float reductions everywhere.
-  return jnp.max(jnp.where(mask, 1.0, 0.0)) > 0.0
-
-
-def _split_refs(refs, has_bias: bool):
-  if has_bias:
-    return refs[0], refs[1:]
-  return None, refs
+from ops.pallas_common import any_mask, split_refs
 
 
 def _fwd_kernel(q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, *refs, scale, causal, signed, has_bias,
                 num_kv_blocks):
-  bias_ref, (q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc) = _split_refs(refs, has_bias)
+  bias_ref, (q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc) = split_refs(refs, has_bias)
   kv_index = pl.program_id(3)
 
   @pl.when(kv_index == 0)
@@ -79,7 +50,7 @@ def _fwd_kernel(q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, *refs, scale, caus
   mask = tile_math.tile_mask(q_pos_ref[...], q_seg_ref[...], kv_pos_ref[...], kv_seg_ref[...], bias,
                              causal)
 
-  @pl.when(_any(mask))
+  @pl.when(any_mask(mask))
   def _update():
     s, a = tile_math.tile_scores(q_ref[...], k_ref[...], bias, mask, scale, signed)
     m, l, acc = tile_math.online_softmax_step(m_sc[...], l_sc[...], acc_sc[...], s, a, mask, v_ref[...],
@@ -95,7 +66,7 @@ def _fwd_kernel(q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, *refs, scale, caus
 
 def _dkv_kernel(q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, *refs, scale, causal, signed, has_bias,
                 num_q_blocks):
-  bias_ref, refs = _split_refs(refs, has_bias)
+  bias_ref, refs = split_refs(refs, has_bias)
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *rest = refs
   db_ref, (dk_sc, dv_sc, db_sc) = (rest[0], rest[1:]) if has_bias else (None, rest)
   q_index = pl.program_id(3)
@@ -110,7 +81,7 @@ def _dkv_kernel(q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, *refs, scale, caus
   mask = tile_math.tile_mask(q_pos_ref[...], q_seg_ref[...], kv_pos_ref[...], kv_seg_ref[...], bias,
                              causal)
 
-  @pl.when(_any(mask))
+  @pl.when(any_mask(mask))
   def _update():
     q, do = q_ref[...], do_ref[...]
     s, a = tile_math.tile_scores(q, k_ref[...], bias, mask, scale, signed)
@@ -129,7 +100,7 @@ def _dkv_kernel(q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, *refs, scale, caus
 
 def _dq_kernel(q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, *refs, scale, causal, signed, has_bias,
                num_kv_blocks):
-  bias_ref, (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_sc) = _split_refs(refs, has_bias)
+  bias_ref, (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_sc) = split_refs(refs, has_bias)
   kv_index = pl.program_id(3)
 
   @pl.when(kv_index == 0)
@@ -140,7 +111,7 @@ def _dq_kernel(q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, *refs, scale, causa
   mask = tile_math.tile_mask(q_pos_ref[...], q_seg_ref[...], kv_pos_ref[...], kv_seg_ref[...], bias,
                              causal)
 
-  @pl.when(_any(mask))
+  @pl.when(any_mask(mask))
   def _update():
     k = k_ref[...]
     s, a = tile_math.tile_scores(q_ref[...], k, bias, mask, scale, signed)
@@ -152,91 +123,15 @@ def _dq_kernel(q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, *refs, scale, causa
     dq_ref[...] = dq_sc[...]
 
 
-class _Layout:
-  """Padded, transposed kernel operands and the BlockSpecs that tile them.
-
-  Grid axes are (b, h, x, y); `q_axis` / `kv_axis` say which of x, y indexes query and key blocks.
-  """
-
-  def __init__(self, q, k, bias, q_pos, kv_pos, q_seg, kv_seg, bq, bk):
-    b, t, h, d = q.shape
-    s, hkv = k.shape[1], k.shape[2]
-    self.b, self.t, self.h, self.d, self.s, self.hkv = b, t, h, d, s, hkv
-    self.group = h // hkv
-    self.bq, self.bk = bq, bk
-    self.tp, self.sp = _round_up(t, bq), _round_up(s, bk)
-    self.nq, self.nk = self.tp // bq, self.sp // bk
-    if q_seg is None:
-      q_seg = jnp.zeros((b, t), jnp.int32)
-      kv_seg = jnp.zeros((b, s), jnp.int32)
-    self.seq_operands = [
-        _pad_axis(q_pos, 1, self.tp)[:, :, None],
-        _pad_axis(q_seg, 1, self.tp, _Q_PAD_SEGMENT)[:, :, None],
-        _pad_axis(kv_pos, 1, self.sp)[:, None, :],
-        _pad_axis(kv_seg, 1, self.sp, _KV_PAD_SEGMENT)[:, None, :],
-    ]
-    self.bias = None if bias is None else _pad_axis(bias, 2, self.sp)[:, :, None, :]  # [B, Hb, 1, Sp]
-
-  def q_major(self, x):
-    """[B, T, H, D] -> [B, H, Tp, D]."""
-    return jnp.swapaxes(_pad_axis(x, 1, self.tp), 1, 2)
-
-  def kv_major(self, x):
-    """[B, S, Hkv, D] -> [B, Hkv, Sp, D]."""
-    return jnp.swapaxes(_pad_axis(x, 1, self.sp), 1, 2)
-
-  def specs(self, q_axis: int):
-    """BlockSpecs for a grid whose query-block index is grid axis q_axis (2 or 3), kv the other one."""
-    sq = pl.squeezed
-    g, bq, bk, d = self.group, self.bq, self.bk, self.d
-
-    def qi(idx):
-      return idx[q_axis]
-
-    def kj(idx):
-      return idx[5 - q_axis]
-
-    seq = [pl.BlockSpec((sq, bq, 1), lambda *i: (i[0], qi(i), 0)),
-           pl.BlockSpec((sq, bq, 1), lambda *i: (i[0], qi(i), 0)),
-           pl.BlockSpec((sq, 1, bk), lambda *i: (i[0], 0, kj(i))),
-           pl.BlockSpec((sq, 1, bk), lambda *i: (i[0], 0, kj(i)))]
-    if self.bias is not None:
-      shared = self.bias.shape[1] == 1
-      seq.append(pl.BlockSpec((sq, sq, 1, bk),
-                              lambda *i: (i[0], 0 if shared else i[1] // g, 0, kj(i))))
-    q_spec = pl.BlockSpec((sq, sq, bq, d), lambda *i: (i[0], i[1], qi(i), 0))
-    kv_spec = pl.BlockSpec((sq, sq, bk, d), lambda *i: (i[0], i[1] // g, kj(i), 0))
-    row_spec = pl.BlockSpec((sq, sq, bq, 1), lambda *i: (i[0], i[1], qi(i), 0))
-    key_spec = pl.BlockSpec((sq, sq, bk, d), lambda *i: (i[0], i[1], kj(i), 0))
-    key_row_spec = pl.BlockSpec((sq, sq, 1, bk), lambda *i: (i[0], i[1], 0, kj(i)))
-    return seq, q_spec, kv_spec, row_spec, key_spec, key_row_spec
-
-  def seq_args(self):
-    return self.seq_operands + ([] if self.bias is None else [self.bias])
-
-
-def _compiler_params():
-  return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
+def _layout(q, k, bias, q_pos, kv_pos, q_seg, kv_seg, bq, bk):
+  return pallas_common.TpuFlashLayout(q, k, q_pos, kv_pos, q_seg, kv_seg, bq, bk, bias=bias)
 
 
 def _forward(q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, causal, signed, scale, bq, bk, interpret):
-  lay = _Layout(q, k, bias, q_pos, kv_pos, q_seg, kv_seg, bq, bk)
-  seq, q_spec, kv_spec, row_spec, _, _ = lay.specs(q_axis=2)
+  lay = _layout(q, k, bias, q_pos, kv_pos, q_seg, kv_seg, bq, bk)
   kernel = functools.partial(_fwd_kernel, scale=scale, causal=causal, signed=signed,
                              has_bias=bias is not None, num_kv_blocks=lay.nk)
-  o, lse = pl.pallas_call(
-      kernel,
-      grid=(lay.b, lay.h, lay.nq, lay.nk),
-      in_specs=seq + [q_spec, kv_spec, kv_spec],
-      out_specs=[q_spec, row_spec],
-      out_shape=[jax.ShapeDtypeStruct((lay.b, lay.h, lay.tp, lay.d), q.dtype),
-                 jax.ShapeDtypeStruct((lay.b, lay.h, lay.tp, 1), jnp.float32)],
-      scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
-                      pltpu.VMEM((bq, lay.d), jnp.float32)],
-      compiler_params=_compiler_params(),
-      interpret=_interpret_params(interpret),
-  )(*lay.seq_args(), lay.q_major(q), lay.kv_major(k), lay.kv_major(v))
-  return jnp.swapaxes(o, 1, 2)[:, :lay.t], lse
+  return lay.forward(kernel, q, k, v, interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11, 12, 13))
@@ -252,57 +147,19 @@ def _flash_fwd(q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, causal, signed, scal
 
 def _flash_bwd(causal, signed, scale, bq, bk, interpret, res, do):
   q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, o, lse = res
-  lay = _Layout(q, k, bias, q_pos, kv_pos, q_seg, kv_seg, bq, bk)
-  do = do.astype(q.dtype)
-  # D_i = <dO_i, o_i>, the softmax-Jacobian row term (the same for signed weights).
-  delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)
-  operands = (lay.q_major(q), lay.kv_major(k), lay.kv_major(v), lay.q_major(do), lse, lay.q_major(delta))
+  lay = _layout(q, k, bias, q_pos, kv_pos, q_seg, kv_seg, bq, bk)
+  # D_i = <dO_i, o_i> is the softmax-Jacobian row term (the same for signed weights).
+  operands = lay.backward_operands(q, k, v, do, o, lse)
   has_bias = bias is not None
   common = dict(scale=scale, causal=causal, signed=signed, has_bias=has_bias)
+  dkv = lay.dkv(functools.partial(_dkv_kernel, num_q_blocks=lay.nq, **common), operands, interpret,
+                bias_grad=has_bias, bias_scratch=True)
+  dq = lay.dq(functools.partial(_dq_kernel, num_kv_blocks=lay.nk, **common), operands, interpret)
 
-  seq, q_spec, kv_spec, row_spec, key_spec, key_row_spec = lay.specs(q_axis=3)
-  dkv_out = [jax.ShapeDtypeStruct((lay.b, lay.h, lay.sp, lay.d), jnp.float32)] * 2
-  dkv_out_specs = [key_spec, key_spec]
-  if has_bias:
-    dkv_out.append(jax.ShapeDtypeStruct((lay.b, lay.h, 1, lay.sp), jnp.float32))
-    dkv_out_specs.append(key_row_spec)
-  dkv = pl.pallas_call(
-      functools.partial(_dkv_kernel, num_q_blocks=lay.nq, **common),
-      grid=(lay.b, lay.h, lay.nk, lay.nq),
-      in_specs=seq + [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec],
-      out_specs=dkv_out_specs,
-      out_shape=dkv_out,
-      scratch_shapes=[pltpu.VMEM((bk, lay.d), jnp.float32), pltpu.VMEM((bk, lay.d), jnp.float32),
-                      pltpu.VMEM((1, bk), jnp.float32)],
-      compiler_params=_compiler_params(),
-      interpret=_interpret_params(interpret),
-  )(*lay.seq_args(), *operands)
-
-  seq, q_spec, kv_spec, row_spec, _, _ = lay.specs(q_axis=2)
-  dq = pl.pallas_call(
-      functools.partial(_dq_kernel, num_kv_blocks=lay.nk, **common),
-      grid=(lay.b, lay.h, lay.nq, lay.nk),
-      in_specs=seq + [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec],
-      out_specs=q_spec,
-      out_shape=jax.ShapeDtypeStruct((lay.b, lay.h, lay.tp, lay.d), jnp.float32),
-      scratch_shapes=[pltpu.VMEM((bq, lay.d), jnp.float32)],
-      compiler_params=_compiler_params(),
-      interpret=_interpret_params(interpret),
-  )(*lay.seq_args(), *operands)
-
-  def per_kv_head(x):  # [B, H, Sp, D] per query head -> [B, S, Hkv, D] summed over each GQA group
-    x = x.reshape(lay.b, lay.hkv, lay.group, lay.sp, lay.d).sum(axis=2)
-    return jnp.swapaxes(x, 1, 2)[:, :lay.s]
-
-  dq = jnp.swapaxes(dq, 1, 2)[:, :lay.t].astype(q.dtype)
-  dk = per_kv_head(dkv[0]).astype(k.dtype)
-  dv = per_kv_head(dkv[1]).astype(v.dtype)
-  dbias = None
-  if has_bias:
-    db = dkv[2][:, :, 0, :lay.s].reshape(lay.b, lay.hkv, lay.group, lay.s).sum(axis=2)
-    if bias.shape[1] == 1:  # one bias row shared by every kv head
-      db = jnp.sum(db, axis=1, keepdims=True)
-    dbias = db.astype(bias.dtype)
+  dq = dq.astype(q.dtype)
+  dk = lay.per_kv_head(dkv[0]).astype(k.dtype)
+  dv = lay.per_kv_head(dkv[1]).astype(v.dtype)
+  dbias = lay.key_bias_grad(dkv[2], bias) if has_bias else None
   return dq, dk, dv, dbias, None, None, None, None
 
 
@@ -311,7 +168,8 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 def tile_sizes(block_sizes: BlockSizes, q_len: int, kv_len: int) -> tuple[int, int]:
   """Kernel tiles: the requested blocks, clamped to the (8-rounded) lengths so short inputs use one."""
-  return (min(block_sizes.block_q, _round_up(q_len, 8)), min(block_sizes.block_kv, _round_up(kv_len, 8)))
+  return (min(block_sizes.block_q, pallas_common.round_up(q_len, 8)),
+          min(block_sizes.block_kv, pallas_common.round_up(kv_len, 8)))
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "signed", "scale", "block_sizes", "interpret"))

@@ -2,10 +2,14 @@
 
 Everything here acts on one [bq, bk] tile of one (batch, query head) and is plain jnp, so the kernel bodies
 stay short and the two backends cannot drift apart. Equations: `ops.attention.xla` module docstring.
+`finalize` (o and lse from the running state), `matmul_tn` and `matmul_nn` are the landmark kernels' too:
+they live in `ops.pallas_common` and are re-exported here.
 """
 
 import jax
 import jax.numpy as jnp
+
+from ops.pallas_common import finalize, matmul_nn, matmul_tn  # noqa: F401  (re-exported)
 
 # Finite initial running max: keeps exp(m - m') finite for rows that have seen no visible key yet.
 MASK_VALUE = -1e30
@@ -48,13 +52,6 @@ def online_softmax_step(m, l, acc, s, a, mask, v, signed: bool):
   return m_new, l_new, acc_new
 
 
-def finalize(m, l, acc) -> tuple[jax.Array, jax.Array]:
-  """(o [bq, D] f32, lse [bq, 1]); rows without a visible key give o = 0 and lse = 0."""
-  has_key = l > 0.0
-  l_safe = jnp.where(has_key, l, 1.0)
-  return acc / l_safe, jnp.where(has_key, m + jnp.log(l_safe), 0.0)
-
-
 def tile_grads(s, a, mask, lse, delta, do, v, signed: bool) -> tuple[jax.Array, jax.Array]:
   """(w, ds) of a tile, f32 [bq, bk]: the weights and dL/ds (unscaled) given lse, delta [bq, 1]."""
   p = jnp.exp(jnp.where(mask, a - lse, -jnp.inf))
@@ -63,13 +60,3 @@ def tile_grads(s, a, mask, lse, delta, do, v, signed: bool) -> tuple[jax.Array, 
     sgn = jnp.sign(s)
     return p * sgn, p * (jnp.abs(sgn) * dw - sgn * delta)
   return p, p * (dw - delta)
-
-
-def matmul_tn(x, y) -> jax.Array:
-  """x^T y in f32: x [n, a], y [n, b] -> [a, b]."""
-  return jax.lax.dot_general(x, y, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def matmul_nn(x, y) -> jax.Array:
-  """x y in f32: x [a, n], y [n, b] -> [a, b]."""
-  return jax.lax.dot_general(x, y, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)

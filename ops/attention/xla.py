@@ -36,64 +36,18 @@ import jax
 import jax.numpy as jnp
 
 from ops.attention.block_sizes import BlockSizes
+from ops.tiling import (cdiv, kv_tiles, kv_untile, online_softmax_scan, pad_axis, q_tiles, q_untile,
+                        seq_tiles, valid_tiles)
 
 # Finite initial running max: keeps exp(m - m') finite for rows that have seen no visible key yet.
 _MASK_VALUE = -1e30
-
-
-def _cdiv(a: int, b: int) -> int:
-  return -(-a // b)
-
-
-def _pad_to(x: jax.Array, axis: int, size: int) -> jax.Array:
-  pad = size - x.shape[axis]
-  if pad == 0:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, pad)
-  return jnp.pad(x, widths)
-
-
-def _q_tiles(x: jax.Array, hkv: int, bq: int, nq: int) -> jax.Array:
-  """[B, T, H, ...] -> [nq, B, Hkv, G, bq, ...] (T zero-padded to nq * bq)."""
-  x = _pad_to(x, 1, nq * bq)
-  b, _, h = x.shape[:3]
-  x = x.reshape(b, nq, bq, hkv, h // hkv, *x.shape[3:])
-  return jnp.moveaxis(x, (1, 2), (0, 4))
-
-
-def _q_untile(x: jax.Array, t: int) -> jax.Array:
-  """Inverse of `_q_tiles`: [nq, B, Hkv, G, bq, D] -> [B, T, H, D]."""
-  nq, b, hkv, g, bq, d = x.shape
-  x = jnp.moveaxis(x, (0, 4), (1, 2)).reshape(b, nq * bq, hkv * g, d)
-  return x[:, :t]
-
-
-def _kv_tiles(x: jax.Array, bkv: int, nk: int) -> jax.Array:
-  """[B, S, Hkv, D] -> [nk, B, Hkv, bkv, D] (S zero-padded to nk * bkv)."""
-  x = _pad_to(x, 1, nk * bkv)
-  b, _, hkv, d = x.shape
-  return jnp.moveaxis(x.reshape(b, nk, bkv, hkv, d), (1, 2), (0, 3))
-
-
-def _seq_tiles(x: jax.Array | None, blk: int, n: int) -> jax.Array | None:
-  """[B, L] -> [n, B, blk] for positions / segment ids (padding is masked by validity)."""
-  if x is None:
-    return None
-  x = _pad_to(x, 1, n * blk)
-  return jnp.moveaxis(x.reshape(x.shape[0], n, blk), 1, 0)
-
-
-def _valid_tiles(length: int, blk: int, n: int) -> jax.Array:
-  """[n, blk] bool: False on the padding added to reach n * blk."""
-  return (jnp.arange(n * blk) < length).reshape(n, blk)
 
 
 def _bias_tiles(bias: jax.Array | None, bkv: int, nk: int) -> jax.Array | None:
   """[B, Hb, S] -> [nk, B, Hb, bkv]."""
   if bias is None:
     return None
-  bias = _pad_to(bias, 2, nk * bkv)
+  bias = pad_axis(bias, 2, nk * bkv)
   b, hb, _ = bias.shape
   return jnp.moveaxis(bias.reshape(b, hb, nk, bkv), 2, 0)
 
@@ -132,11 +86,11 @@ def _forward(q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, causal, signed, scale,
   b, t, h, d = q.shape
   s_len, hkv = k.shape[1], k.shape[2]
   g = h // hkv
-  nq, nk = _cdiv(t, bq), _cdiv(s_len, bkv)
-  q_xs = (_q_tiles(q, hkv, bq, nq), _seq_tiles(q_pos, bq, nq), _valid_tiles(t, bq, nq),
-          _seq_tiles(q_seg, bq, nq))
-  kv_xs = (_kv_tiles(k, bkv, nk), _kv_tiles(v, bkv, nk), _seq_tiles(kv_pos, bkv, nk),
-           _valid_tiles(s_len, bkv, nk), _seq_tiles(kv_seg, bkv, nk), _bias_tiles(bias, bkv, nk))
+  nq, nk = cdiv(t, bq), cdiv(s_len, bkv)
+  q_xs = (q_tiles(q, hkv, bq, nq), seq_tiles(q_pos, bq, nq), valid_tiles(t, bq, nq),
+          seq_tiles(q_seg, bq, nq))
+  kv_xs = (kv_tiles(k, bkv, nk), kv_tiles(v, bkv, nk), seq_tiles(kv_pos, bkv, nk),
+           valid_tiles(s_len, bkv, nk), seq_tiles(kv_seg, bkv, nk), _bias_tiles(bias, bkv, nk))
 
   def q_block(args):
     q_tile, q_pos_t, q_valid_t, q_seg_t = args
@@ -159,18 +113,10 @@ def _forward(q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, causal, signed, scale,
 
       return jax.lax.cond(jnp.any(mask), update, lambda c: c, carry), None
 
-    init = (jnp.full((b, hkv, g, bq), _MASK_VALUE, jnp.float32),
-            jnp.zeros((b, hkv, g, bq), jnp.float32),
-            jnp.zeros((b, hkv, g, bq, d), jnp.float32))
-    (m, l, acc), _ = jax.lax.scan(kv_step, init, kv_xs)
-    has_key = l > 0.0
-    l_safe = jnp.where(has_key, l, 1.0)
-    o_tile = (acc / l_safe[..., None]).astype(q.dtype)
-    lse = jnp.where(has_key, m + jnp.log(l_safe), 0.0)
-    return o_tile, lse
+    return online_softmax_scan(kv_step, kv_xs, (b, hkv, g, bq), d, _MASK_VALUE, q.dtype)
 
   o_tiles, lse = jax.lax.map(q_block, q_xs)
-  return _q_untile(o_tiles, t), lse
+  return q_untile(o_tiles, t), lse
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11, 12))
@@ -188,14 +134,14 @@ def _flash_bwd(causal, signed, scale, bq, bkv, res, do):
   b, t, h, d = q.shape
   s_len, hkv = k.shape[1], k.shape[2]
   g = h // hkv
-  nq, nk = _cdiv(t, bq), _cdiv(s_len, bkv)
+  nq, nk = cdiv(t, bq), cdiv(s_len, bkv)
   do = do.astype(q.dtype)
   # D_i = <dO_i, o_i>: the softmax-Jacobian row term (also for signed, since sum_k p_k c_k dw_k = D_i).
   delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
-  q_xs = (_q_tiles(q, hkv, bq, nq), _q_tiles(do, hkv, bq, nq), lse, _q_tiles(delta, hkv, bq, nq),
-          _seq_tiles(q_pos, bq, nq), _valid_tiles(t, bq, nq), _seq_tiles(q_seg, bq, nq))
-  kv_xs = (_kv_tiles(k, bkv, nk), _kv_tiles(v, bkv, nk), _seq_tiles(kv_pos, bkv, nk),
-           _valid_tiles(s_len, bkv, nk), _seq_tiles(kv_seg, bkv, nk), _bias_tiles(bias, bkv, nk))
+  q_xs = (q_tiles(q, hkv, bq, nq), q_tiles(do, hkv, bq, nq), lse, q_tiles(delta, hkv, bq, nq),
+          seq_tiles(q_pos, bq, nq), valid_tiles(t, bq, nq), seq_tiles(q_seg, bq, nq))
+  kv_xs = (kv_tiles(k, bkv, nk), kv_tiles(v, bkv, nk), seq_tiles(kv_pos, bkv, nk),
+           valid_tiles(s_len, bkv, nk), seq_tiles(kv_seg, bkv, nk), _bias_tiles(bias, bkv, nk))
 
   def kv_step(dq_acc, kv_args):
     k_tile, v_tile, kv_pos_t, kv_valid_t, kv_seg_t, bias_t = kv_args
@@ -240,12 +186,9 @@ def _flash_bwd(causal, signed, scale, bq, bkv, res, do):
   dq0 = jnp.zeros((nq, b, hkv, g, bq, d), jnp.float32)
   dq_tiles, (dk_tiles, dv_tiles, db_tiles) = jax.lax.scan(kv_step, dq0, kv_xs)
 
-  def kv_untile(x):  # [nk, B, Hkv, bkv, D] -> [B, S, Hkv, D]
-    return jnp.moveaxis(x, (0, 3), (1, 2)).reshape(b, nk * bkv, hkv, d)[:, :s_len]
-
-  dq = _q_untile(dq_tiles, t).astype(q.dtype)
-  dk = kv_untile(dk_tiles).astype(k.dtype)
-  dv = kv_untile(dv_tiles).astype(v.dtype)
+  dq = q_untile(dq_tiles, t).astype(q.dtype)
+  dk = kv_untile(dk_tiles, s_len).astype(k.dtype)
+  dv = kv_untile(dv_tiles, s_len).astype(v.dtype)
   dbias = None
   if bias is not None:
     dbias = jnp.moveaxis(db_tiles, 0, 2).reshape(b, hkv, nk * bkv)[..., :s_len]

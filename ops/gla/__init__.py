@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from ops import dispatch
+from ops import validation
 from ops.gla import pallas_gpu
 from ops.gla import pallas_tpu
 from ops.gla import reference
@@ -30,37 +31,9 @@ from ops.gla.step import gla_step
 __all__ = ["gla", "gla_step", "BlockSizes", "IMPLEMENTATIONS"]
 
 
-def _reference(q, k, v, log_gate, initial_state, *, scale, block_sizes, interpret):
-  del block_sizes, interpret  # The oracle has no chunking.
-  return reference.gla(q, k, v, log_gate, initial_state, scale=scale)
-
-
-def _xla(q, k, v, log_gate, initial_state, *, scale, block_sizes, interpret):
-  del interpret  # Only meaningful for Pallas kernels.
-  return xla.gla(q, k, v, log_gate, initial_state, scale=scale, block_sizes=block_sizes)
-
-
-def _pallas(q, k, v, log_gate, initial_state, *, interpret, **kwargs):
-  kernel = dispatch.pallas_kernel("ops.gla", {"tpu": pallas_tpu, "gpu": pallas_gpu}, interpret)
-  return kernel.gla(q, k, v, log_gate, initial_state, interpret=interpret, **kwargs)
-
-
-def _pallas_tpu(q, k, v, log_gate, initial_state, **kwargs):
-  return pallas_tpu.gla(q, k, v, log_gate, initial_state, **kwargs)
-
-
-def _pallas_gpu(q, k, v, log_gate, initial_state, **kwargs):
-  return pallas_gpu.gla(q, k, v, log_gate, initial_state, **kwargs)
-
-
 # impl name -> callable taking canonical arguments (see `gla`).
-IMPLEMENTATIONS: dict[str, Callable[..., tuple[jax.Array, jax.Array]]] = {
-    "reference": _reference,
-    "xla": _xla,
-    "pallas": _pallas,
-    "pallas_tpu": _pallas_tpu,
-    "pallas_gpu": _pallas_gpu,
-}
+IMPLEMENTATIONS: dict[str, Callable[..., tuple[jax.Array, jax.Array]]] = dispatch.implementations(
+    "ops.gla", "gla", reference, xla, pallas_tpu, pallas_gpu)
 
 
 @functools.partial(jax.jit, static_argnames=("impl", "scale", "block_sizes", "interpret"))
@@ -122,12 +95,7 @@ def gla(q: jax.Array, k: jax.Array, v: jax.Array, log_gate: jax.Array, *,
   """
   name = dispatch.resolve_impl("gla", impl, IMPLEMENTATIONS, dispatch.PALLAS_ON_ACCELERATORS)
   q, k, v, log_gate = (jnp.asarray(x) for x in (q, k, v, log_gate))
-  for arg_name, x in (("q", q), ("k", k), ("v", v), ("log_gate", log_gate)):
-    if x.ndim != 4:
-      raise ValueError(f"{arg_name} must have rank 4 ([batch, length, heads, head_dim]), "
-                       f"got shape {x.shape}.")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-      raise ValueError(f"{arg_name} must be a float array, got {x.dtype}.")
+  validation.check_rank4((("q", q), ("k", k), ("v", v), ("log_gate", log_gate)), float_word="float")
   b, t, h, dk = q.shape
   dv = v.shape[-1]
   if k.shape != q.shape:

@@ -10,21 +10,15 @@ matmul, the diagonal sub-blocks an elementwise f32 product. The Pallas kernels (
 import dataclasses
 import math
 
+from ops import validation
+from ops.tiling import round_up
+
 # fla's chunk (spec §1.1 "fla's chunk kernel": BT = 64). fla's sub-chunk BC = 16 lives in registers;
 # here both sub-chunk products are materialised, so the default sub-chunk is ~sqrt(C) instead (8 for 64).
 DEFAULT_CHUNK_SIZE = 64
 # Sub-chunk of the Pallas kernels (fla's BC): they never materialise more than one [c, C] score block, and
 # 16 rows is the smallest tile of Triton's dot and of bf16 sublane packing on TPU.
 KERNEL_SUB_CHUNK = 16
-
-
-def _round_up(x: int, multiple: int) -> int:
-  return -(-x // multiple) * multiple
-
-
-def _is_positive_int(value) -> bool:
-  # bool is an int subclass; reject it so `BlockSizes(True)` is not silently a chunk of 1.
-  return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,10 +37,7 @@ class BlockSizes:
   sub_chunk: int = 8
 
   def __post_init__(self):
-    for name in ("chunk_size", "sub_chunk"):
-      value = getattr(self, name)
-      if not _is_positive_int(value):
-        raise ValueError(f"BlockSizes.{name} must be a positive int, got {value!r}.")
+    validation.check_positive_int_fields(self, ("chunk_size", "sub_chunk"))
     if self.chunk_size % self.sub_chunk:
       raise ValueError(f"BlockSizes.sub_chunk ({self.sub_chunk}) must divide chunk_size "
                        f"({self.chunk_size}).")
@@ -74,14 +65,14 @@ class BlockSizes:
     Raises:
       ValueError: if chunk_size or sub_chunk is not a positive int or sub_chunk does not divide it.
     """
-    if not _is_positive_int(chunk_size):
+    if not validation.is_positive_int(chunk_size):
       raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
     if sub_chunk is None and kernel and chunk_size % KERNEL_SUB_CHUNK == 0:
       sub_chunk = KERNEL_SUB_CHUNK
     if sub_chunk is None:
       sub_chunk = max(d for d in range(1, math.isqrt(chunk_size) + 1) if chunk_size % d == 0)
     blocks = cls(chunk_size=chunk_size, sub_chunk=sub_chunk)  # validates sub_chunk
-    short = _round_up(max(seq_len, 1), blocks.sub_chunk)
+    short = round_up(max(seq_len, 1), blocks.sub_chunk)
     if short < blocks.chunk_size:
       blocks = cls(chunk_size=short, sub_chunk=blocks.sub_chunk)
     return blocks

@@ -32,21 +32,12 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
 
+from ops import pallas_common
 from ops.gla import tile_math
 from ops.gla.block_sizes import BlockSizes
 
 F32 = jnp.float32
-_MIN_TILE = 16  # Triton's smallest dot tile
-
-
-def _cdiv(a: int, b: int) -> int:
-  return -(-a // b)
-
-
-def _pow2_at_least(x: int) -> int:
-  return max(_MIN_TILE, 1 << (max(x, 1) - 1).bit_length())
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, g_ref, h0_ref, o_ref, final_ref, *states_ref, scale, chunk,
@@ -81,18 +72,14 @@ def _spec(rows: int, cols: int):
   return pl.BlockSpec((pl.squeezed, pl.squeezed, rows, cols), lambda b, h: (b, h, 0, 0))
 
 
-def _compiler_params(head_dim: int):
-  return pltriton.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
-
-
 class _Layout:
   """Padded sizes and the [B, H, Tp, Dp] kernel operands."""
 
   def __init__(self, q, v, chunk):
     self.b, self.t, self.h, self.dk = q.shape
     self.dv = v.shape[-1]
-    self.kp, self.vp = _pow2_at_least(self.dk), _pow2_at_least(self.dv)
-    self.n = _cdiv(self.t, chunk)
+    self.kp, self.vp = pallas_common.pow2_at_least(self.dk), pallas_common.pow2_at_least(self.dv)
+    self.n = pallas_common.cdiv(self.t, chunk)
     self.tp = self.n * chunk
 
   def keys(self, x):
@@ -131,22 +118,11 @@ def _forward(q, k, v, log_gate, h0, scale, chunk, sub_chunk, interpret, with_sta
                 _spec(lay.tp, lay.kp), _spec(lay.vp, lay.kp)],
       out_specs=out_specs,
       out_shape=out_shape,
-      compiler_params=_compiler_params(max(lay.kp, lay.vp)),
+      compiler_params=pallas_common.triton_compiler_params(max(lay.kp, lay.vp)),
       interpret=interpret,
   )(lay.keys(q), lay.keys(k), lay.values(v), g, lay.state(h0))
   return (lay.unseq(outs[0], lay.dv, q.dtype), lay.unstate(outs[1]),
           outs[2] if with_states else None)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _gla(q, k, v, log_gate, h0, scale, chunk, sub_chunk, interpret):
-  o, final_state, _ = _forward(q, k, v, log_gate, h0, scale, chunk, sub_chunk, interpret, False)
-  return o, final_state
-
-
-def _gla_fwd(q, k, v, log_gate, h0, scale, chunk, sub_chunk, interpret):
-  o, final_state, states = _forward(q, k, v, log_gate, h0, scale, chunk, sub_chunk, interpret, True)
-  return (o, final_state), (q, k, v, log_gate, states)
 
 
 def _gla_bwd(scale, chunk, sub_chunk, interpret, residuals, cotangents):
@@ -167,7 +143,7 @@ def _gla_bwd(scale, chunk, sub_chunk, interpret, residuals, cotangents):
       out_shape=[key_shape, key_shape, jax.ShapeDtypeStruct((lay.b, lay.h, lay.tp, lay.vp), F32),
                  key_shape, key_shape, jax.ShapeDtypeStruct((lay.b, lay.h, lay.n, lay.kp), F32),
                  jax.ShapeDtypeStruct((lay.b, lay.h, lay.vp, lay.kp), F32)],
-      compiler_params=_compiler_params(max(lay.kp, lay.vp)),
+      compiler_params=pallas_common.triton_compiler_params(max(lay.kp, lay.vp)),
       interpret=interpret,
   )(lay.keys(q), lay.keys(k), lay.values(v), g, lay.values(do.astype(q.dtype)), states,
     lay.state(d_final))
@@ -177,13 +153,13 @@ def _gla_bwd(scale, chunk, sub_chunk, interpret, residuals, cotangents):
           lay.unstate(dh0))
 
 
-_gla.defvjp(_gla_fwd, _gla_bwd)
+_gla = tile_math.custom_vjp_op(_forward, _gla_bwd)
 
 
 def tile_sizes(block_sizes: BlockSizes) -> tuple[int, int]:
   """(chunk, sub_chunk) of the kernel: powers of two >= 16, at least the requested sizes."""
-  sub_chunk = _pow2_at_least(block_sizes.sub_chunk)
-  return max(_pow2_at_least(block_sizes.chunk_size), sub_chunk), sub_chunk
+  sub_chunk = pallas_common.pow2_at_least(block_sizes.sub_chunk)
+  return max(pallas_common.pow2_at_least(block_sizes.chunk_size), sub_chunk), sub_chunk
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "block_sizes", "interpret"))

@@ -33,22 +33,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from ops import pallas_common
 from ops.gla import tile_math
 from ops.gla.block_sizes import BlockSizes
 
 F32 = jnp.float32
-
-
-def _cdiv(a: int, b: int) -> int:
-  return -(-a // b)
-
-
-def _interpret_params(interpret: bool):
-  return pltpu.InterpretParams() if interpret else False
-
-
-def _compiler_params():
-  return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, g_ref, h0_ref, o_ref, final_ref, *rest, scale, chunk, sub_chunk,
@@ -107,13 +96,20 @@ def _specs(chunk: int, dk: int, dv: int, num_chunks: int, reverse: bool):
   return seq, state, per_chunk
 
 
+def _chunked_gate(log_gate, chunk: int):
+  """(n, Tp, G): the number of chunks, the padded length n * C and the within-chunk f32 cumsum G of the
+  log gate in kernel layout [B, H, Tp, K]."""
+  t = log_gate.shape[1]
+  n = pallas_common.cdiv(t, chunk)
+  tp = n * chunk
+  return n, tp, tile_math.chunk_cumsum(tile_math.to_kernel_layout(log_gate.astype(F32), tp), chunk, t)
+
+
 def _forward(q, k, v, log_gate, h0, scale, chunk, sub_chunk, interpret, with_states):
   b, t, h, dk = q.shape
   dv = v.shape[-1]
-  n = _cdiv(t, chunk)
-  tp = n * chunk
+  n, tp, g = _chunked_gate(log_gate, chunk)
   mm_dtype = jnp.result_type(q, k, v)
-  g = tile_math.chunk_cumsum(tile_math.to_kernel_layout(log_gate.astype(F32), tp), chunk, t)
   seq, state_spec, per_chunk = _specs(chunk, dk, dv, n, reverse=False)
   out_shape = [jax.ShapeDtypeStruct((b, h, tp, dv), q.dtype), jax.ShapeDtypeStruct((b, h, dv, dk), F32)]
   out_specs = [seq(dv), state_spec]
@@ -129,8 +125,8 @@ def _forward(q, k, v, log_gate, h0, scale, chunk, sub_chunk, interpret, with_sta
       out_specs=out_specs,
       out_shape=out_shape,
       scratch_shapes=[pltpu.VMEM((dv, dk), F32)],
-      compiler_params=_compiler_params(),
-      interpret=_interpret_params(interpret),
+      compiler_params=pallas_common.tpu_compiler_params(3),
+      interpret=pallas_common.tpu_interpret_params(interpret),
   )(tile_math.to_kernel_layout(q, tp), tile_math.to_kernel_layout(k, tp),
     tile_math.to_kernel_layout(v, tp), g, jnp.swapaxes(h0, 2, 3))
   o = jnp.swapaxes(outs[0], 1, 2)[:, :t]
@@ -138,26 +134,13 @@ def _forward(q, k, v, log_gate, h0, scale, chunk, sub_chunk, interpret, with_sta
   return o, final_state, (outs[2] if with_states else None)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _gla(q, k, v, log_gate, h0, scale, chunk, sub_chunk, interpret):
-  o, final_state, _ = _forward(q, k, v, log_gate, h0, scale, chunk, sub_chunk, interpret, False)
-  return o, final_state
-
-
-def _gla_fwd(q, k, v, log_gate, h0, scale, chunk, sub_chunk, interpret):
-  o, final_state, states = _forward(q, k, v, log_gate, h0, scale, chunk, sub_chunk, interpret, True)
-  return (o, final_state), (q, k, v, log_gate, states)
-
-
 def _gla_bwd(scale, chunk, sub_chunk, interpret, residuals, cotangents):
   q, k, v, log_gate, states = residuals
   do, d_final = cotangents
   b, t, h, dk = q.shape
   dv = v.shape[-1]
-  n = _cdiv(t, chunk)
-  tp = n * chunk
+  n, tp, g = _chunked_gate(log_gate, chunk)
   mm_dtype = jnp.result_type(q, k, v)
-  g = tile_math.chunk_cumsum(tile_math.to_kernel_layout(log_gate.astype(F32), tp), chunk, t)
   seq, state_spec, per_chunk = _specs(chunk, dk, dv, n, reverse=True)
   kernel = functools.partial(_bwd_kernel, scale=scale, chunk=chunk, sub_chunk=sub_chunk, num_chunks=n,
                              mm_dtype=mm_dtype)
@@ -170,8 +153,8 @@ def _gla_bwd(scale, chunk, sub_chunk, interpret, residuals, cotangents):
       out_shape=[key_shape, key_shape, jax.ShapeDtypeStruct((b, h, tp, dv), F32), key_shape, key_shape,
                  jax.ShapeDtypeStruct((b, h, n, 1, dk), F32), jax.ShapeDtypeStruct((b, h, dv, dk), F32)],
       scratch_shapes=[pltpu.VMEM((dv, dk), F32)],
-      compiler_params=_compiler_params(),
-      interpret=_interpret_params(interpret),
+      compiler_params=pallas_common.tpu_compiler_params(3),
+      interpret=pallas_common.tpu_interpret_params(interpret),
   )(tile_math.to_kernel_layout(q, tp), tile_math.to_kernel_layout(k, tp),
     tile_math.to_kernel_layout(v, tp), g, tile_math.to_kernel_layout(do.astype(q.dtype), tp), states,
     jnp.swapaxes(d_final.astype(F32), 2, 3))
@@ -181,7 +164,7 @@ def _gla_bwd(scale, chunk, sub_chunk, interpret, residuals, cotangents):
           jnp.swapaxes(dh0, 2, 3))
 
 
-_gla.defvjp(_gla_fwd, _gla_bwd)
+_gla = tile_math.custom_vjp_op(_forward, _gla_bwd)
 
 
 def tile_sizes(block_sizes: BlockSizes) -> tuple[int, int]:

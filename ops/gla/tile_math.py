@@ -40,6 +40,8 @@ Matmul operands take the inputs' dtype (f32 accumulation), as `ops.gla.xla`; f32
 Precision.HIGHEST (Triton would otherwise use tf32). Cumsums, P, dA on the diagonal and states are f32.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
@@ -276,3 +278,27 @@ def gate_gradient(d_reverse: jax.Array, d_forward: jax.Array, boundary: jax.Arra
   fwd = d_forward.reshape(b, h, n, chunk, dk)
   fwd = jnp.cumsum(jnp.pad(fwd, ((0, 0), (0, 0), (0, 0), (1, 0), (0, 0)))[:, :, :, :-1], axis=3)
   return (rev + fwd + boundary[:, :, :, None, :]).reshape(b, h, tp, dk)[:, :, :seq_len]
+
+
+def custom_vjp_op(forward, backward):
+  """The differentiable kernel op `gla(q, k, v, log_gate, h0, scale, chunk, sub_chunk, interpret)` ->
+  (o, final_state) of one backend, from its wrapper functions:
+
+    forward(q, k, v, log_gate, h0, scale, chunk, sub_chunk, interpret, with_states)
+        -> (o, final_state, the f32 states entering each chunk when with_states, else None);
+    backward(scale, chunk, sub_chunk, interpret, (q, k, v, log_gate, states), (do, d_final))
+        -> the cotangents of q, k, v, log_gate, h0.
+
+  The primal call skips the per-chunk states; the differentiated one keeps them as residuals.
+  """
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+  def gla(q, k, v, log_gate, h0, scale, chunk, sub_chunk, interpret):
+    o, final_state, _ = forward(q, k, v, log_gate, h0, scale, chunk, sub_chunk, interpret, False)
+    return o, final_state
+
+  def gla_fwd(q, k, v, log_gate, h0, scale, chunk, sub_chunk, interpret):
+    o, final_state, states = forward(q, k, v, log_gate, h0, scale, chunk, sub_chunk, interpret, True)
+    return (o, final_state), (q, k, v, log_gate, states)
+
+  gla.defvjp(gla_fwd, backward)
+  return gla

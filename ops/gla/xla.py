@@ -40,10 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from ops.gla.block_sizes import BlockSizes
-
-
-def _cdiv(a: int, b: int) -> int:
-  return -(-a // b)
+from ops.tiling import cdiv
 
 
 def _pad_time(x: jax.Array, length: int) -> jax.Array:
@@ -171,7 +168,7 @@ def gla(q: jax.Array, k: jax.Array, v: jax.Array, log_gate: jax.Array, initial_s
   b, t, h, dk = q.shape
   dv = v.shape[-1]
   chunk = block_sizes.chunk_size
-  n = _cdiv(t, chunk)
+  n = cdiv(t, chunk)
   mm_dtype = jnp.result_type(q, k, v)
   f32 = jnp.float32
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ops import dispatch
+from ops import validation
 from ops.landmark import pallas_gpu
 from ops.landmark import pallas_tpu
 from ops.landmark import reference
@@ -33,51 +34,11 @@ __all__ = ["landmark_attention", "BlockSizes", "IMPLEMENTATIONS", "EMPTY_SLOT"]
 EMPTY_SLOT = reference.EMPTY_SLOT  # kv position of an unfilled cache slot (never visible)
 
 
-def _reference(q, k, v, *, block_sizes, interpret, **kwargs):
-  del block_sizes, interpret  # The oracle has no tiling.
-  return reference.landmark_attention(q, k, v, **kwargs)
-
-
-def _xla(q, k, v, *, interpret, **kwargs):
-  del interpret  # Only meaningful for Pallas kernels.
-  return xla.landmark_attention(q, k, v, **kwargs)
-
-
-def _pallas(q, k, v, *, interpret, **kwargs):
-  kernel = dispatch.pallas_kernel("ops.landmark", {"tpu": pallas_tpu, "gpu": pallas_gpu}, interpret)
-  return kernel.landmark_attention(q, k, v, interpret=interpret, **kwargs)
-
-
-def _pallas_tpu(q, k, v, **kwargs):
-  return pallas_tpu.landmark_attention(q, k, v, **kwargs)
-
-
-def _pallas_gpu(q, k, v, **kwargs):
-  return pallas_gpu.landmark_attention(q, k, v, **kwargs)
-
-
 # impl name -> callable taking canonical arguments (see `landmark_attention`).
-IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
-    "reference": _reference,
-    "xla": _xla,
-    "pallas": _pallas,
-    "pallas_tpu": _pallas_tpu,
-    "pallas_gpu": _pallas_gpu,
-}
+IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = dispatch.implementations(
+    "ops.landmark", "landmark_attention", reference, xla, pallas_tpu, pallas_gpu)
 # Implementations that need the slot layout (slot j holds position j or EMPTY_SLOT).
 _SLOT_LAYOUT_IMPLS = ("xla", "pallas", "pallas_tpu", "pallas_gpu")
-
-
-def _check_int(name: str, x: Any, shape: tuple[int, ...]) -> None:
-  """Validates an integer [B, L] array ([L] is also accepted and broadcast over the batch)."""
-  x_shape, x_dtype = jnp.shape(x), jnp.result_type(x)
-  if x_shape not in (shape, shape[1:]) or not jnp.issubdtype(x_dtype, jnp.integer):
-    raise ValueError(f"{name} must be an integer array of shape {shape} (batch, length), "
-                     f"got {x_dtype} {x_shape}.")
-
-
-def _int_or_none(x: jax.Array | None, shape: tuple[int, ...]) -> jax.Array | None:
-  return None if x is None else jnp.broadcast_to(x, shape).astype(jnp.int32)
 
 
 def _check_slot_layout(kv_positions: Any, impl: str) -> None:
@@ -99,18 +60,9 @@ def _canonical_call(q, k, v, segment_ids, kv_segment_ids, q_positions, kv_positi
   """
   b, t = q.shape[:2]
   s = k.shape[1]
-  if q_positions is None:
-    q_positions = jnp.arange(t, dtype=jnp.int32) + (s - t)
-  if kv_positions is None:
-    kv_positions = jnp.arange(s, dtype=jnp.int32)
-  if segment_ids is not None and kv_segment_ids is None:
-    kv_segment_ids = segment_ids
-  return IMPLEMENTATIONS[impl](
-      q, k, v, q_positions=_int_or_none(q_positions, (b, t)),
-      kv_positions=_int_or_none(kv_positions, (b, s)),
-      segment_ids=_int_or_none(segment_ids, (b, t)),
-      kv_segment_ids=_int_or_none(kv_segment_ids, (b, s)), block_size=block_size, scale=scale,
-      block_sizes=block_sizes, interpret=interpret)
+  seq = validation.sequence_args(b, t, s, q_positions, kv_positions, segment_ids, kv_segment_ids)
+  return IMPLEMENTATIONS[impl](q, k, v, **seq, block_size=block_size, scale=scale,
+                               block_sizes=block_sizes, interpret=interpret)
 
 
 def landmark_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block_size: int,
@@ -169,41 +121,15 @@ def landmark_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block_size: 
                      f"{block_size!r}.")
   block_size = int(block_size)
   q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
-  for arg_name, x in (("q", q), ("k", k), ("v", v)):
-    if x.ndim != 4:
-      raise ValueError(f"{arg_name} must have rank 4 ([batch, length, heads, head_dim]), "
-                       f"got shape {x.shape}.")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-      raise ValueError(f"{arg_name} must be a floating-point array, got {x.dtype}.")
-  b, t, h, d = q.shape
-  s, hkv = k.shape[1], k.shape[2]
-  if v.shape != k.shape:
-    raise ValueError(f"k and v must have the same shape [B, S, Hkv, D], got {k.shape} and {v.shape}.")
-  if k.shape[0] != b:
-    raise ValueError(f"q and k must have the same batch size, got {b} and {k.shape[0]}.")
-  if k.shape[3] != d:
-    raise ValueError(f"q and k must have the same head_dim, got {d} and {k.shape[3]}.")
-  if hkv == 0 or h % hkv:
-    raise ValueError(f"The number of query heads ({h}) must be a multiple of the number of kv heads "
-                     f"({hkv}).")
-  if segment_ids is None:
-    if kv_segment_ids is not None:
-      raise ValueError("kv_segment_ids requires segment_ids (the query segments).")
-  else:
-    _check_int("segment_ids", segment_ids, (b, t))
-    if kv_segment_ids is not None:
-      _check_int("kv_segment_ids", kv_segment_ids, (b, s))
-    elif s != t:
-      raise ValueError(f"segment_ids without kv_segment_ids needs as many keys as queries, got "
-                       f"T={t} and S={s}; pass kv_segment_ids of shape ({b}, {s}).")
-  if q_positions is not None:
-    _check_int("q_positions", q_positions, (b, t))
-  if kv_positions is not None:
-    _check_int("kv_positions", kv_positions, (b, s))
+  validation.check_rank4((("q", q), ("k", k), ("v", v)), float_word="floating-point")
+  validation.check_qkv(q, k, v)
+  b, t, _, d = q.shape
+  s = k.shape[1]
+  validation.check_segments(segment_ids, kv_segment_ids, b, t, s)
+  validation.check_positions(q_positions, kv_positions, b, t, s)
+  validation.check_block_sizes(block_sizes, BlockSizes)
   if block_sizes is None:
     block_sizes = BlockSizes.get_default(t, s, d, block_size)
-  elif not isinstance(block_sizes, BlockSizes):
-    raise ValueError(f"block_sizes must be a BlockSizes or None, got {type(block_sizes).__name__}.")
   elif block_sizes.block_kv % block_size:
     raise ValueError(f"block_sizes.block_kv ({block_sizes.block_kv}) must be a multiple of "
                      f"block_size ({block_size}).")

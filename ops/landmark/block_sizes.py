@@ -13,14 +13,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-
-def _round_up(x: int, multiple: int) -> int:
-  return -(-x // multiple) * multiple
-
-
-def _is_positive_int(value) -> bool:
-  # bool is an int subclass; reject it so `BlockSizes(True, 8)` is not silently a block of 1.
-  return isinstance(value, int) and not isinstance(value, bool) and value > 0
+from ops import validation
+from ops.tiling import round_up
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,10 +30,7 @@ class BlockSizes:
   block_kv: int = 256
 
   def __post_init__(self):
-    for name in ("block_q", "block_kv"):
-      value = getattr(self, name)
-      if not _is_positive_int(value):
-        raise ValueError(f"BlockSizes.{name} must be a positive int, got {value!r}.")
+    validation.check_positive_int_fields(self, ("block_q", "block_kv"))
 
   @classmethod
   def get_default(cls, q_len: int, kv_len: int, head_dim: int, block_size: int,
@@ -64,5 +55,5 @@ class BlockSizes:
     del dtype, backend  # Same heuristic everywhere until benchmarks say otherwise.
     block_q = 128 if head_dim > 128 else 256
     block_kv = block_size * max(1, 256 // block_size)
-    return cls(block_q=min(block_q, _round_up(max(q_len, 1), 8)),
-               block_kv=min(block_kv, _round_up(max(kv_len, 1), block_size)))
+    return cls(block_q=min(block_q, round_up(max(q_len, 1), 8)),
+               block_kv=min(block_kv, round_up(max(kv_len, 1), block_size)))

@@ -1,7 +1,8 @@
 """Landmark grouped-softmax attention for TPU in Pallas (Mosaic TPU): the fused kernel of spec §2.5.
 
 Same maths as `ops.landmark.xla` (equations in its docstring; spec §2.2 closed form); the per-tile pieces
-live in `ops.landmark.tile_math`, shared with the GPU kernel. Layout inside the kernels is [B, H, L, D].
+live in `ops.landmark.tile_math`, shared with the GPU kernel. Layout inside the kernels is [B, H, L, D];
+the wrapper pads, transposes and calls them through `ops.pallas_common.TpuFlashLayout` (as attention).
 
 Key tiles are whole landmark blocks (block_kv a multiple of block_size; block_kv == block_size is the
 Triton design of spec §2.5). Per (query tile, key tile): earlier blocks get a local softmax over their
@@ -28,30 +29,10 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
 
+from ops import pallas_common
 from ops.landmark import tile_math
 from ops.landmark.block_sizes import BlockSizes
-
-_Q_PAD_SEGMENT = -1
-_KV_PAD_SEGMENT = -2
-
-
-def _round_up(x: int, multiple: int) -> int:
-  return -(-x // multiple) * multiple
-
-
-def _pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
-  pad = size - x.shape[axis]
-  if pad == 0:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, pad)
-  return jnp.pad(x, widths, constant_values=value)
-
-
-def _interpret_params(interpret: bool):
-  return pltpu.InterpretParams() if interpret else False
 
 
 def _fwd_kernel(q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc,
@@ -131,81 +112,15 @@ def _dq_kernel(q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, q_ref, k_ref, v_ref
     dq_ref[...] = dq_sc[...]
 
 
-class _Layout:
-  """Padded, transposed kernel operands and the BlockSpecs that tile them.
-
-  Grid axes are (b, h, x, y); `q_axis` says which of x, y (2 or 3) indexes query blocks, kv the other.
-  """
-
-  def __init__(self, q, k, q_pos, kv_pos, q_seg, kv_seg, bq, bk):
-    b, t, h, d = q.shape
-    s, hkv = k.shape[1], k.shape[2]
-    self.b, self.t, self.h, self.d, self.s, self.hkv = b, t, h, d, s, hkv
-    self.group = h // hkv
-    self.bq, self.bk = bq, bk
-    self.tp, self.sp = _round_up(t, bq), _round_up(s, bk)
-    self.nq, self.nk = self.tp // bq, self.sp // bk
-    if q_seg is None:
-      q_seg = jnp.zeros((b, t), jnp.int32)
-      kv_seg = jnp.zeros((b, s), jnp.int32)
-    self.seq_operands = [
-        _pad_axis(q_pos, 1, self.tp)[:, :, None],
-        _pad_axis(q_seg, 1, self.tp, _Q_PAD_SEGMENT)[:, :, None],
-        _pad_axis(kv_pos, 1, self.sp, tile_math.EMPTY_SLOT)[:, None, :],
-        _pad_axis(kv_seg, 1, self.sp, _KV_PAD_SEGMENT)[:, None, :],
-    ]
-
-  def q_major(self, x):
-    """[B, T, H, D] -> [B, H, Tp, D]."""
-    return jnp.swapaxes(_pad_axis(x, 1, self.tp), 1, 2)
-
-  def kv_major(self, x):
-    """[B, S, Hkv, D] -> [B, Hkv, Sp, D]."""
-    return jnp.swapaxes(_pad_axis(x, 1, self.sp), 1, 2)
-
-  def specs(self, q_axis: int):
-    """(seq specs, q spec, kv spec, row spec, per-query-head key spec) for this grid orientation."""
-    sq = pl.squeezed
-    g, bq, bk, d = self.group, self.bq, self.bk, self.d
-
-    def qi(idx):
-      return idx[q_axis]
-
-    def kj(idx):
-      return idx[5 - q_axis]
-
-    seq = [pl.BlockSpec((sq, bq, 1), lambda *i: (i[0], qi(i), 0)),
-           pl.BlockSpec((sq, bq, 1), lambda *i: (i[0], qi(i), 0)),
-           pl.BlockSpec((sq, 1, bk), lambda *i: (i[0], 0, kj(i))),
-           pl.BlockSpec((sq, 1, bk), lambda *i: (i[0], 0, kj(i)))]
-    q_spec = pl.BlockSpec((sq, sq, bq, d), lambda *i: (i[0], i[1], qi(i), 0))
-    kv_spec = pl.BlockSpec((sq, sq, bk, d), lambda *i: (i[0], i[1] // g, kj(i), 0))
-    row_spec = pl.BlockSpec((sq, sq, bq, 1), lambda *i: (i[0], i[1], qi(i), 0))
-    key_spec = pl.BlockSpec((sq, sq, bk, d), lambda *i: (i[0], i[1], kj(i), 0))
-    return seq, q_spec, kv_spec, row_spec, key_spec
-
-
-def _compiler_params():
-  return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
+def _layout(q, k, q_pos, kv_pos, q_seg, kv_seg, bq, bk):
+  return pallas_common.TpuFlashLayout(q, k, q_pos, kv_pos, q_seg, kv_seg, bq, bk,
+                                      kv_pos_pad=tile_math.EMPTY_SLOT)
 
 
 def _forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, block_size, scale, bq, bk, interpret):
-  lay = _Layout(q, k, q_pos, kv_pos, q_seg, kv_seg, bq, bk)
-  seq, q_spec, kv_spec, row_spec, _ = lay.specs(q_axis=2)
+  lay = _layout(q, k, q_pos, kv_pos, q_seg, kv_seg, bq, bk)
   kernel = functools.partial(_fwd_kernel, block_size=block_size, scale=scale, num_kv_blocks=lay.nk)
-  o, lse = pl.pallas_call(
-      kernel,
-      grid=(lay.b, lay.h, lay.nq, lay.nk),
-      in_specs=seq + [q_spec, kv_spec, kv_spec],
-      out_specs=[q_spec, row_spec],
-      out_shape=[jax.ShapeDtypeStruct((lay.b, lay.h, lay.tp, lay.d), q.dtype),
-                 jax.ShapeDtypeStruct((lay.b, lay.h, lay.tp, 1), jnp.float32)],
-      scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
-                      pltpu.VMEM((bq, lay.d), jnp.float32)],
-      compiler_params=_compiler_params(),
-      interpret=_interpret_params(interpret),
-  )(*lay.seq_operands, lay.q_major(q), lay.kv_major(k), lay.kv_major(v))
-  return jnp.swapaxes(o, 1, 2)[:, :lay.t], lse
+  return lay.forward(kernel, q, k, v, interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
@@ -220,44 +135,15 @@ def _flash_fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, block_size, scale, bq, bk,
 
 def _flash_bwd(block_size, scale, bq, bk, interpret, res, do):
   q, k, v, q_pos, kv_pos, q_seg, kv_seg, o, lse = res
-  lay = _Layout(q, k, q_pos, kv_pos, q_seg, kv_seg, bq, bk)
-  do = do.astype(q.dtype)
-  # D_i = <dO_i, o_i>, the row term of the top-group softmax Jacobian.
-  delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)
-  operands = (lay.q_major(q), lay.kv_major(k), lay.kv_major(v), lay.q_major(do), lse, lay.q_major(delta))
+  lay = _layout(q, k, q_pos, kv_pos, q_seg, kv_seg, bq, bk)
+  # D_i = <dO_i, o_i> is the row term of the top-group softmax Jacobian.
+  operands = lay.backward_operands(q, k, v, do, o, lse)
   common = dict(block_size=block_size, scale=scale)
-
-  seq, q_spec, kv_spec, row_spec, key_spec = lay.specs(q_axis=3)
-  dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, num_q_blocks=lay.nq, **common),
-      grid=(lay.b, lay.h, lay.nk, lay.nq),
-      in_specs=seq + [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec],
-      out_specs=[key_spec, key_spec],
-      out_shape=[jax.ShapeDtypeStruct((lay.b, lay.h, lay.sp, lay.d), jnp.float32)] * 2,
-      scratch_shapes=[pltpu.VMEM((bk, lay.d), jnp.float32), pltpu.VMEM((bk, lay.d), jnp.float32)],
-      compiler_params=_compiler_params(),
-      interpret=_interpret_params(interpret),
-  )(*lay.seq_operands, *operands)
-
-  seq, q_spec, kv_spec, row_spec, _ = lay.specs(q_axis=2)
-  dq = pl.pallas_call(
-      functools.partial(_dq_kernel, num_kv_blocks=lay.nk, **common),
-      grid=(lay.b, lay.h, lay.nq, lay.nk),
-      in_specs=seq + [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec],
-      out_specs=q_spec,
-      out_shape=jax.ShapeDtypeStruct((lay.b, lay.h, lay.tp, lay.d), jnp.float32),
-      scratch_shapes=[pltpu.VMEM((bq, lay.d), jnp.float32)],
-      compiler_params=_compiler_params(),
-      interpret=_interpret_params(interpret),
-  )(*lay.seq_operands, *operands)
-
-  def per_kv_head(x):  # [B, H, Sp, D] per query head -> [B, S, Hkv, D] summed over each GQA group
-    x = x.reshape(lay.b, lay.hkv, lay.group, lay.sp, lay.d).sum(axis=2)
-    return jnp.swapaxes(x, 1, 2)[:, :lay.s]
-
-  dq = jnp.swapaxes(dq, 1, 2)[:, :lay.t].astype(q.dtype)
+  dk, dv = lay.dkv(functools.partial(_dkv_kernel, num_q_blocks=lay.nq, **common), operands, interpret)
+  dq = lay.dq(functools.partial(_dq_kernel, num_kv_blocks=lay.nk, **common), operands, interpret)
   # Positions and segment ids are integer inputs: zero (None) cotangents.
-  return dq, per_kv_head(dk).astype(k.dtype), per_kv_head(dv).astype(v.dtype), None, None, None, None
+  return (dq.astype(q.dtype), lay.per_kv_head(dk).astype(k.dtype), lay.per_kv_head(dv).astype(v.dtype),
+          None, None, None, None)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -269,8 +155,8 @@ def tile_sizes(block_sizes: BlockSizes, q_len: int, kv_len: int, block_size: int
   if block_sizes.block_kv % block_size:
     raise ValueError(f"block_sizes.block_kv ({block_sizes.block_kv}) must be a multiple of "
                      f"block_size ({block_size}).")
-  return (min(block_sizes.block_q, _round_up(q_len, 8)),
-          min(block_sizes.block_kv, _round_up(kv_len, block_size)))
+  return (min(block_sizes.block_q, pallas_common.round_up(q_len, 8)),
+          min(block_sizes.block_kv, pallas_common.round_up(kv_len, block_size)))
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "scale", "block_sizes", "interpret"))

@@ -9,11 +9,18 @@ group_width) are landmark block g of the tile (spec §2.5: "the tile is the land
 per tile when bk == group_width). group_width is the landmark block_size on TPU; the GPU wrapper spreads
 each block over a power-of-two number of slots (extra slots empty), so there group_width >= block_size.
 Landmark-ness, block index and visibility always come from the positions, never from the column.
+
+`finalize` (o and lse from the running top-group state; an empty top group gives o = 0, lse = 0),
+`matmul_tn` and `matmul_nn` are the attention kernels' too: they live in `ops.pallas_common` and are
+re-exported here.
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from ops.pallas_common import any_mask
+from ops.pallas_common import finalize, matmul_nn, matmul_tn  # noqa: F401  (re-exported)
 
 # Finite stand-in for -inf: keeps exp(m - m') and group maxima finite on rows/groups with no key.
 MASK_VALUE = -1e30
@@ -39,7 +46,7 @@ def tile_masks(q_pos, q_seg, kv_pos, kv_seg, block_size: int):
 def any_visible(masks) -> jax.Array:
   """Whether a tile has any visible key (a float max: Mosaic lowers float reductions everywhere)."""
   current, landmark, regular = masks
-  return jnp.max(jnp.where(current | landmark | regular, 1.0, 0.0)) > 0.0
+  return any_mask(current | landmark | regular)
 
 
 def scores(q, k, scale: float) -> jax.Array:
@@ -93,13 +100,6 @@ def online_step(m, l, acc, s, masks, v, group_width: int):
   return m_new, l_new, acc_new
 
 
-def finalize(m, l, acc) -> tuple[jax.Array, jax.Array]:
-  """(o [bq, D] f32, lse [bq, 1]); rows with an empty top group give o = 0 and lse = 0."""
-  has_key = l > 0.0
-  l_safe = jnp.where(has_key, l, 1.0)
-  return acc / l_safe, jnp.where(has_key, m + jnp.log(l_safe), 0.0)
-
-
 def tile_grads(s, masks, lse, delta, do, v, group_width: int) -> tuple[jax.Array, jax.Array]:
   """(w, ds) of a tile, f32 [bq, bk]: final weights and dL/ds (unscaled) given lse, delta [bq, 1].
 
@@ -117,13 +117,3 @@ def tile_grads(s, masks, lse, delta, do, v, group_width: int) -> tuple[jax.Array
   ds = (jnp.where(current, p * (dov - delta), 0.0) + jnp.where(landmark, p * (c - delta), 0.0)
         + w_regular * (dov - c))
   return jnp.where(current, p, 0.0) + w_regular, ds
-
-
-def matmul_tn(x, y) -> jax.Array:
-  """x^T y in f32: x [n, a], y [n, b] -> [a, b]."""
-  return jax.lax.dot_general(x, y, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def matmul_nn(x, y) -> jax.Array:
-  """x y in f32: x [a, n], y [n, b] -> [a, b]."""
-  return jax.lax.dot_general(x, y, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)

@@ -42,6 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ops.landmark.block_sizes import BlockSizes
+from ops.tiling import (cdiv, kv_tiles, kv_untile, online_softmax_scan, q_tiles, q_untile, seq_tiles,
+                        valid_tiles)
 
 # Finite initial running max: keeps exp(m - m') finite for rows that have seen no top-group key yet.
 _MASK_VALUE = -1e30
@@ -52,54 +54,6 @@ def layout_ok(kv_positions: np.ndarray) -> bool:
   """Whether concrete [..., S] kv positions meet the layout requirement (slot j holds j or EMPTY_SLOT)."""
   slots = np.arange(kv_positions.shape[-1])
   return bool(np.all((kv_positions == slots) | (kv_positions == EMPTY_SLOT)))
-
-
-def _cdiv(a: int, b: int) -> int:
-  return -(-a // b)
-
-
-def _pad_to(x: jax.Array, axis: int, size: int) -> jax.Array:
-  pad = size - x.shape[axis]
-  if pad == 0:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, pad)
-  return jnp.pad(x, widths)
-
-
-def _q_tiles(x: jax.Array, hkv: int, bq: int, nq: int) -> jax.Array:
-  """[B, T, H, ...] -> [nq, B, Hkv, G, bq, ...] (T zero-padded to nq * bq)."""
-  x = _pad_to(x, 1, nq * bq)
-  b, _, h = x.shape[:3]
-  x = x.reshape(b, nq, bq, hkv, h // hkv, *x.shape[3:])
-  return jnp.moveaxis(x, (1, 2), (0, 4))
-
-
-def _q_untile(x: jax.Array, t: int) -> jax.Array:
-  """Inverse of `_q_tiles`: [nq, B, Hkv, G, bq, D] -> [B, T, H, D]."""
-  nq, b, hkv, g, bq, d = x.shape
-  x = jnp.moveaxis(x, (0, 4), (1, 2)).reshape(b, nq * bq, hkv * g, d)
-  return x[:, :t]
-
-
-def _kv_tiles(x: jax.Array, bkv: int, nk: int) -> jax.Array:
-  """[B, S, Hkv, D] -> [nk, B, Hkv, bkv, D] (S zero-padded to nk * bkv)."""
-  x = _pad_to(x, 1, nk * bkv)
-  b, _, hkv, d = x.shape
-  return jnp.moveaxis(x.reshape(b, nk, bkv, hkv, d), (1, 2), (0, 3))
-
-
-def _seq_tiles(x: jax.Array | None, blk: int, n: int) -> jax.Array | None:
-  """[B, L] -> [n, B, blk] for positions / segment ids (padding is masked by validity)."""
-  if x is None:
-    return None
-  x = _pad_to(x, 1, n * blk)
-  return jnp.moveaxis(x.reshape(x.shape[0], n, blk), 1, 0)
-
-
-def _valid_tiles(length: int, blk: int, n: int) -> jax.Array:
-  """[n, blk] bool: False on the padding added to reach n * blk."""
-  return (jnp.arange(n * blk) < length).reshape(n, blk)
 
 
 def _tile_masks(q_pos, q_valid, q_seg, kv_pos, kv_valid, kv_seg, block_size: int):
@@ -149,11 +103,11 @@ def _forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, block_size, scale, bq, bkv):
   b, t, h, d = q.shape
   s_len, hkv = k.shape[1], k.shape[2]
   g = h // hkv
-  nq, nk = _cdiv(t, bq), _cdiv(s_len, bkv)
-  q_xs = (_q_tiles(q, hkv, bq, nq), _seq_tiles(q_pos, bq, nq), _valid_tiles(t, bq, nq),
-          _seq_tiles(q_seg, bq, nq))
-  kv_xs = (_kv_tiles(k, bkv, nk), _kv_tiles(v, bkv, nk), _seq_tiles(kv_pos, bkv, nk),
-           _valid_tiles(s_len, bkv, nk), _seq_tiles(kv_seg, bkv, nk))
+  nq, nk = cdiv(t, bq), cdiv(s_len, bkv)
+  q_xs = (q_tiles(q, hkv, bq, nq), seq_tiles(q_pos, bq, nq), valid_tiles(t, bq, nq),
+          seq_tiles(q_seg, bq, nq))
+  kv_xs = (kv_tiles(k, bkv, nk), kv_tiles(v, bkv, nk), seq_tiles(kv_pos, bkv, nk),
+           valid_tiles(s_len, bkv, nk), seq_tiles(kv_seg, bkv, nk))
 
   def q_block(args):
     q_tile, q_pos_t, q_valid_t, q_seg_t = args
@@ -180,18 +134,10 @@ def _forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, block_size, scale, bq, bkv):
       any_visible = jnp.any(current | landmark | regular)
       return jax.lax.cond(any_visible, update, lambda c: c, carry), None
 
-    init = (jnp.full((b, hkv, g, bq), _MASK_VALUE, jnp.float32),
-            jnp.zeros((b, hkv, g, bq), jnp.float32),
-            jnp.zeros((b, hkv, g, bq, d), jnp.float32))
-    (m, l, acc), _ = jax.lax.scan(kv_step, init, kv_xs)
-    has_key = l > 0.0
-    l_safe = jnp.where(has_key, l, 1.0)
-    o_tile = (acc / l_safe[..., None]).astype(q.dtype)
-    lse = jnp.where(has_key, m + jnp.log(l_safe), 0.0)
-    return o_tile, lse
+    return online_softmax_scan(kv_step, kv_xs, (b, hkv, g, bq), d, _MASK_VALUE, q.dtype)
 
   o_tiles, lse = jax.lax.map(q_block, q_xs)
-  return _q_untile(o_tiles, t), lse
+  return q_untile(o_tiles, t), lse
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
@@ -209,13 +155,13 @@ def _flash_bwd(block_size, scale, bq, bkv, res, do):
   b, t, h, d = q.shape
   s_len, hkv = k.shape[1], k.shape[2]
   g = h // hkv
-  nq, nk = _cdiv(t, bq), _cdiv(s_len, bkv)
+  nq, nk = cdiv(t, bq), cdiv(s_len, bkv)
   do = do.astype(q.dtype)
   delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)  # D_i = <dO_i, o_i>
-  q_xs = (_q_tiles(q, hkv, bq, nq), _q_tiles(do, hkv, bq, nq), lse, _q_tiles(delta, hkv, bq, nq),
-          _seq_tiles(q_pos, bq, nq), _valid_tiles(t, bq, nq), _seq_tiles(q_seg, bq, nq))
-  kv_xs = (_kv_tiles(k, bkv, nk), _kv_tiles(v, bkv, nk), _seq_tiles(kv_pos, bkv, nk),
-           _valid_tiles(s_len, bkv, nk), _seq_tiles(kv_seg, bkv, nk))
+  q_xs = (q_tiles(q, hkv, bq, nq), q_tiles(do, hkv, bq, nq), lse, q_tiles(delta, hkv, bq, nq),
+          seq_tiles(q_pos, bq, nq), valid_tiles(t, bq, nq), seq_tiles(q_seg, bq, nq))
+  kv_xs = (kv_tiles(k, bkv, nk), kv_tiles(v, bkv, nk), seq_tiles(kv_pos, bkv, nk),
+           valid_tiles(s_len, bkv, nk), seq_tiles(kv_seg, bkv, nk))
 
   def kv_step(dq_acc, kv_args):
     k_tile, v_tile, kv_pos_t, kv_valid_t, kv_seg_t = kv_args
@@ -260,12 +206,9 @@ def _flash_bwd(block_size, scale, bq, bkv, res, do):
   dq0 = jnp.zeros((nq, b, hkv, g, bq, d), jnp.float32)
   dq_tiles, (dk_tiles, dv_tiles) = jax.lax.scan(kv_step, dq0, kv_xs)
 
-  def kv_untile(x):  # [nk, B, Hkv, bkv, D] -> [B, S, Hkv, D]
-    return jnp.moveaxis(x, (0, 3), (1, 2)).reshape(b, nk * bkv, hkv, d)[:, :s_len]
-
-  dq = _q_untile(dq_tiles, t).astype(q.dtype)
-  dk = kv_untile(dk_tiles).astype(k.dtype)
-  dv = kv_untile(dv_tiles).astype(v.dtype)
+  dq = q_untile(dq_tiles, t).astype(q.dtype)
+  dk = kv_untile(dk_tiles, s_len).astype(k.dtype)
+  dv = kv_untile(dv_tiles, s_len).astype(v.dtype)
   # Positions and segment ids are integer inputs: zero (None) cotangents.
   return dq, dk, dv, None, None, None, None
 
@@ -303,6 +246,6 @@ def landmark_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_positions:
     raise ValueError(f"block_sizes.block_kv ({block_sizes.block_kv}) must be a multiple of "
                      f"block_size ({block_size}).")
   bq = min(block_sizes.block_q, q.shape[1])
-  bkv = min(block_sizes.block_kv, _cdiv(k.shape[1], block_size) * block_size)
+  bkv = min(block_sizes.block_kv, cdiv(k.shape[1], block_size) * block_size)
   return _flash(q, k, v, q_positions, kv_positions, segment_ids, kv_segment_ids, block_size, scale,
                 bq, bkv)

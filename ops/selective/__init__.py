@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from ops import dispatch
+from ops import validation
 from ops.selective import reference
 from ops.selective import xla
 from ops.selective.block_sizes import BlockSizes
@@ -23,19 +24,8 @@ from ops.selective.block_sizes import BlockSizes
 __all__ = ["selective_attention", "BlockSizes", "IMPLEMENTATIONS"]
 
 
-def _reference(q, k, v, *, block_sizes, interpret, **kwargs):
-  del block_sizes, interpret  # The oracle has no tiling.
-  return reference.selective_attention(q, k, v, **kwargs)
-
-
-def _xla(q, k, v, *, interpret, **kwargs):
-  del interpret  # Only meaningful for Pallas kernels.
-  return xla.selective_attention(q, k, v, **kwargs)
-
-
 IMPLEMENTATIONS: dict[str, Callable[..., tuple[jax.Array, ...]]] = {
-    "reference": _reference,
-    "xla": _xla,
+    **dispatch.implementations("ops.selective", "selective_attention", reference, xla),
     "pallas": dispatch.not_implemented("ops.selective", "pallas", "xla", "reference"),
 }
 
@@ -58,23 +48,13 @@ def _canonical_call(q, k, v, segment_ids, kv_segment_ids, q_positions, kv_positi
   """Fills defaults, brings every argument to its canonical [B, L] form, calls the implementation."""
   b, t = q.shape[:2]
   s = k.shape[1]
-  if q_positions is None:
-    q_positions = jnp.arange(t, dtype=jnp.int32) + (s - t)
-  if kv_positions is None:
-    kv_positions = jnp.arange(s, dtype=jnp.int32)
-  q_positions = jnp.broadcast_to(q_positions, (b, t)).astype(jnp.int32)
-  kv_positions = jnp.broadcast_to(kv_positions, (b, s)).astype(jnp.int32)
-  if segment_ids is not None:
-    kv_segment_ids = segment_ids if kv_segment_ids is None else kv_segment_ids
-    segment_ids = jnp.broadcast_to(segment_ids, (b, t)).astype(jnp.int32)
-    kv_segment_ids = jnp.broadcast_to(kv_segment_ids, (b, s)).astype(jnp.int32)
-  bos_mask = kv_positions == 0 if bos_mask is None else jnp.broadcast_to(bos_mask, (b, s))
+  seq = validation.sequence_args(b, t, s, q_positions, kv_positions, segment_ids, kv_segment_ids)
+  bos_mask = seq["kv_positions"] == 0 if bos_mask is None else jnp.broadcast_to(bos_mask, (b, s))
   if initial_column_sums is None:
     initial_column_sums = jnp.zeros((b, s), jnp.float32)
   initial_column_sums = jnp.broadcast_to(initial_column_sums, (b, s)).astype(jnp.float32)
   return IMPLEMENTATIONS[impl](
-      q, k, v, q_positions=q_positions, kv_positions=kv_positions, segment_ids=segment_ids,
-      kv_segment_ids=kv_segment_ids, bos_mask=bos_mask, initial_column_sums=initial_column_sums,
+      q, k, v, **seq, bos_mask=bos_mask, initial_column_sums=initial_column_sums,
       scale=scale, selection_head=selection_head, prune_threshold=prune_threshold,
       memory_tau=memory_tau, block_sizes=block_sizes, interpret=interpret)
 
@@ -145,21 +125,11 @@ def selective_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: boo
   if v.shape != k.shape or k.shape[0] != b or k.shape[3] != d:
     raise ValueError(f"k and v must both have shape [B, S, Hkv, D] = ({b}, S, Hkv, {d}), "
                      f"got {k.shape} and {v.shape}.")
-  if hkv == 0 or h % hkv:
-    raise ValueError(f"The number of query heads ({h}) must be a multiple of the number of kv heads "
-                     f"({hkv}).")
+  validation.check_heads(h, hkv)
   if not 0 <= selection_head < h:
     raise ValueError(f"selection_head must be in [0, {h}), got {selection_head}.")
-  if segment_ids is None:
-    if kv_segment_ids is not None:
-      raise ValueError("kv_segment_ids requires segment_ids (the query segments).")
-  else:
-    _check_shape("segment_ids", segment_ids, (b, t), "integer")
-    if kv_segment_ids is not None:
-      _check_shape("kv_segment_ids", kv_segment_ids, (b, s), "integer")
-    elif s != t:
-      raise ValueError(f"segment_ids without kv_segment_ids needs as many keys as queries, got "
-                       f"T={t} and S={s}; pass kv_segment_ids of shape ({b}, {s}).")
+  validation.check_segments(segment_ids, kv_segment_ids, b, t, s,
+                            check=lambda name, x, shape: _check_shape(name, x, shape, "integer"))
   for arg_name, x, shape, kind in (("q_positions", q_positions, (b, t), "integer"),
                                    ("kv_positions", kv_positions, (b, s), "integer"),
                                    ("bos_mask", bos_mask, (b, s), "bool"),
@@ -170,10 +140,9 @@ def selective_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: boo
     raise ValueError(f"prune_threshold must be None or a float >= 0, got {prune_threshold}.")
   if memory_tau is not None and not memory_tau > 0:
     raise ValueError(f"memory_tau must be None or a float > 0, got {memory_tau}.")
+  validation.check_block_sizes(block_sizes, BlockSizes)
   if block_sizes is None:
     block_sizes = BlockSizes.get_default(t)
-  elif not isinstance(block_sizes, BlockSizes):
-    raise ValueError(f"block_sizes must be a BlockSizes or None, got {type(block_sizes).__name__}.")
   if t == 0 or s == 0:  # no queries or no keys: zero outputs, column sums unchanged
     columns = (jnp.zeros((b, s), jnp.float32) if initial_column_sums is None else
                jnp.broadcast_to(initial_column_sums, (b, s)).astype(jnp.float32))

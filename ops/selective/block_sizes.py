@@ -6,11 +6,10 @@ selection matrix; its per-step memory is O(block_q * S) per head.
 
 import dataclasses
 
+from ops import validation
+from ops.tiling import round_up
+
 DEFAULT_BLOCK_Q = 128
-
-
-def _round_up(x: int, multiple: int) -> int:
-  return -(-x // multiple) * multiple
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,14 +23,12 @@ class BlockSizes:
   block_q: int = DEFAULT_BLOCK_Q
 
   def __post_init__(self):
-    # bool is an int subclass; reject it so `BlockSizes(True)` is not silently a block of 1.
-    if isinstance(self.block_q, bool) or not isinstance(self.block_q, int) or self.block_q <= 0:
-      raise ValueError(f"BlockSizes.block_q must be a positive int, got {self.block_q!r}.")
+    validation.check_positive_int_fields(self, ("block_q",))
 
   @classmethod
   def get_default(cls, q_len: int, block_q: int | None = None) -> "BlockSizes":
     """`block_q` (default 128) shrunk to the query length rounded up to a multiple of 8."""
     block_q = DEFAULT_BLOCK_Q if block_q is None else block_q
     if isinstance(block_q, int) and not isinstance(block_q, bool) and block_q > 0:
-      block_q = min(block_q, _round_up(max(q_len, 1), 8))
+      block_q = min(block_q, round_up(max(q_len, 1), 8))
     return cls(block_q=block_q)

@@ -38,7 +38,8 @@ def _train(tmp_path, mixer: str, impl: str) -> list[dict]:
     return [r for r in map(json.loads, f) if "loss" in r]
 
 
-@pytest.mark.parametrize("mixer", ["softmax", "gla", pytest.param("cog", marks=pytest.mark.slow),
+@pytest.mark.parametrize("mixer", ["softmax", pytest.param("gla", marks=pytest.mark.slow),
+                                   pytest.param("cog", marks=pytest.mark.slow),
                                    pytest.param("landmark", marks=pytest.mark.slow)])
 def test_pallas_interpret_training_matches_xla(tmp_path, mixer):
   xla = _train(tmp_path, mixer, "xla")
