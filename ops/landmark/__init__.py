@@ -65,6 +65,24 @@ def _canonical_call(q, k, v, segment_ids, kv_segment_ids, q_positions, kv_positi
                                block_sizes=block_sizes, interpret=interpret)
 
 
+def tpu_kernel_or_fallback(name: str, impl: str | None, block_size: int, interpret: bool,
+                           backend: str) -> str:
+  """The TPU kernel needs key tiles holding whole landmark blocks in lanes of 128 (`BlockSizes.tpu_kv_tile`).
+
+  Without one (e.g. the paper's block of 51), impl=None on a TPU falls back to "xla"; asking for the kernel
+  explicitly is an error naming the fix.
+  """
+  tpu_kernel = name == "pallas_tpu" or (name == "pallas" and backend == "tpu")
+  if not tpu_kernel or interpret or block_size < 2 or BlockSizes.tpu_kv_tile(block_size) is not None:
+    return name
+  if not impl:
+    return "xla"
+  raise ValueError(f"the TPU landmark kernel needs key tiles that are multiples of both block_size and "
+                   f"128, and block_size {block_size} has none up to {BlockSizes.TPU_MAX_KV_TILE}; use a "
+                   f"block size dividing 128 (e.g. 64 = 63 regular + 1 landmark, the paper's llama setting) "
+                   f"or impl='xla'.")
+
+
 def landmark_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block_size: int,
                        scale: float | None = None, segment_ids: jax.Array | None = None,
                        kv_segment_ids: jax.Array | None = None,
@@ -116,6 +134,8 @@ def landmark_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block_size: 
   """
   name = dispatch.resolve_impl("landmark_attention", impl, IMPLEMENTATIONS,
                               dispatch.PALLAS_ON_ACCELERATORS)
+  name = tpu_kernel_or_fallback(name, impl, int(block_size) if isinstance(block_size, int) else 0,
+                                interpret, jax.default_backend())
   if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 2:
     raise ValueError(f"block_size must be an int >= 2 (regular tokens + 1 landmark), got "
                      f"{block_size!r}.")

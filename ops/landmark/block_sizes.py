@@ -8,6 +8,7 @@ tiles to powers of two.
 """
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -32,14 +33,25 @@ class BlockSizes:
   def __post_init__(self):
     validation.check_positive_int_fields(self, ("block_q", "block_kv"))
 
+  # Mosaic TPU tiles the key axis in lanes of 128: a key tile must be a multiple of both 128 and the
+  # landmark block, and lcm(block_size, 128) above this is too large a tile (e.g. 51 -> 6528).
+  TPU_MAX_KV_TILE = 1024
+
+  @staticmethod
+  def tpu_kv_tile(block_size: int) -> int | None:
+    """The smallest TPU-legal key tile holding whole landmark blocks, or None if there is none."""
+    tile = math.lcm(block_size, 128)
+    return tile if tile <= BlockSizes.TPU_MAX_KV_TILE else None
+
   @classmethod
   def get_default(cls, q_len: int, kv_len: int, head_dim: int, block_size: int,
                   dtype: Any = jnp.float32, backend: str | None = None) -> "BlockSizes":
     """Default tiles for one call: about 256 x 256, block_kv a multiple of the landmark block size.
 
     A heuristic, not a tuned table. Each tile materialises a few [block_q, block_kv] f32 arrays per
-    (batch, head), so 256 x 256 keeps them small; short sequences use one tile. `dtype` and `backend`
-    are accepted for future per-backend tuning and ignored today.
+    (batch, head), so 256 x 256 keeps them small; short sequences use one tile. On TPU block_kv is a
+    multiple of `tpu_kv_tile(block_size)` (lanes of 128) when one exists. `dtype` is accepted for
+    future tuning and ignored today.
 
     Args:
       q_len: number of queries T.
@@ -52,8 +64,11 @@ class BlockSizes:
     Returns:
       A `BlockSizes` whose block_kv is a multiple of block_size.
     """
-    del dtype, backend  # Same heuristic everywhere until benchmarks say otherwise.
+    del dtype  # Not used yet.
     block_q = 128 if head_dim > 128 else 256
     block_kv = block_size * max(1, 256 // block_size)
+    tpu_tile = cls.tpu_kv_tile(block_size)
+    if (backend or jax.default_backend()) == "tpu" and tpu_tile is not None:
+      block_kv = tpu_tile * max(1, 256 // tpu_tile)
     return cls(block_q=min(block_q, round_up(max(q_len, 1), 8)),
                block_kv=min(block_kv, round_up(max(kv_len, 1), block_size)))

@@ -14,6 +14,7 @@ from jax import export
 
 from ops.attention import attention
 from ops.gla import gla
+import ops.landmark as landmark_ops
 from ops.landmark import landmark_attention
 
 TARGETS = {
@@ -75,3 +76,24 @@ def test_kernels_lower_for_hardware(platform, head_dim):
     if marker not in text:
       failures.append(f"{name}: no {marker} kernel in the lowered module")
   assert not failures, "\n".join(failures)
+
+
+def test_landmark_tpu_tiles_for_blocks_that_do_not_divide_128():
+  """Block 48 (lcm with 128 = 384) gets TPU-legal default tiles and lowers; the paper's 51 has no legal
+  tile: impl=None on a TPU falls back to "xla", an explicit kernel request is a clear error."""
+  b, t, h, d = 1, 1024, 2, 128
+  x = jax.ShapeDtypeStruct((b, t, h, d), jnp.bfloat16)
+  tiles = landmark_ops.BlockSizes.get_default(t, t, d, 48, backend="tpu")
+  assert tiles.block_kv % 384 == 0
+  fn = _grads(lambda q, k, v: landmark_attention(q, k, v, block_size=48, impl="pallas_tpu",
+                                                 block_sizes=tiles), 3)
+  with _target("tpu"):
+    export.export(jax.jit(fn), platforms=["tpu"])(x, x, x)
+
+  choose = landmark_ops.tpu_kernel_or_fallback
+  assert choose("pallas", None, 51, False, "tpu") == "xla"
+  assert choose("pallas", None, 64, False, "tpu") == "pallas"
+  assert choose("pallas", None, 51, False, "gpu") == "pallas"  # the GPU kernel spreads blocks itself
+  assert choose("pallas_tpu", "pallas_tpu", 51, True, "cpu") == "pallas_tpu"  # interpret: no tiling
+  with pytest.raises(ValueError, match="TPU landmark kernel needs key tiles"):
+    choose("pallas", "pallas", 51, False, "tpu")
