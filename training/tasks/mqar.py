@@ -35,16 +35,8 @@ def mqar_seq_len(requested: int, train_seq_len: int, num_pairs: int) -> int:
   return max(int(requested) or int(train_seq_len), synthetic.mqar_min_seq_len(num_pairs))
 
 
-def _section(config, name: str):
-  """config.<name>, or configs/base.py's defaults for a run saved before the section existed."""
-  if name in config:
-    return config[name]
-  from configs import base  # local: only old run directories need it
-  return base.get_config()[name]
-
-
 def _options(ctx: EvalContext):
-  m = _section(ctx.config, "mqar")
+  m = ctx.config.mqar  # old runs get the defaults (training.evaluation)
   try:
     pairs = synthetic.mqar_num_pairs(m.num_pairs)
   except ValueError as e:

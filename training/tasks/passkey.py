@@ -50,16 +50,8 @@ def passkey_accuracy(model_config, params, *, length_bytes: int, trials: int, ma
   return {"accuracy": float(np.mean(correct)), "outputs": outputs, "keys": [int(k) for k in keys]}
 
 
-def _section(config, name: str):
-  """config.<name>, or configs/base.py's defaults for a run saved before the section existed."""
-  if name in config:
-    return config[name]
-  from configs import base  # local: only old run directories need it
-  return base.get_config()[name]
-
-
 def _options(ctx: EvalContext):
-  p = _section(ctx.config, "passkey")
+  p = ctx.config.passkey  # old runs get the defaults (training.evaluation)
   try:
     lengths = tuple(int(x) for x in p.lengths)
   except (TypeError, ValueError):
