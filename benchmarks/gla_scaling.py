@@ -159,12 +159,7 @@ def run(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> None:
   args = _parse_args(argv)
-  report = run(args)
-  print(report)
-  if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-      f.write(report)
+  timing.emit(run(args), args.out)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ times up to `repeats` runs, each ended by `jax.block_until_ready`, stopping earl
 timed wall time is spent (at least one run). The result is the median.
 """
 
+import os
 import statistics
 import time
 from typing import Any, Callable
@@ -44,3 +45,12 @@ def measure(fn: Callable[..., Any], operands: tuple, *, warmup: int = 1, repeats
 
 def fmt(value: float | None, digits: int = 1) -> str:
   return "n/a" if value is None else f"{value:,.{digits}f}"
+
+
+def emit(report: str, out: str | None) -> None:
+  """Prints the markdown report and, with `out`, also writes it there (creating the directory)."""
+  print(report)
+  if out:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+      f.write(report)

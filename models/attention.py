@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from models import layers
-from models.registry import register_mixer
+from models.registry import mixer_options, register_mixer
 from ops.attention import attention
 
 
@@ -111,13 +111,7 @@ _SSA_POSITION_PARAMS = {"exp_exp": (lambda p: jnp.exp(-jnp.exp(p)), 2.0),
 
 def ssa_options(config: Any) -> dict[str, Any]:
   """`SSA_DEFAULTS` updated by `config.ssa` (the model config's optional sub-config); rejects unknown keys."""
-  options = dict(SSA_DEFAULTS)
-  if "ssa" in config and config.ssa is not None:
-    given = dict(config.ssa.items())
-    unknown = sorted(set(given) - set(SSA_DEFAULTS))
-    if unknown:
-      raise ValueError(f"unknown model.ssa option(s) {unknown}; valid: {sorted(SSA_DEFAULTS)}.")
-    options.update(given)
+  options = mixer_options(config, "ssa", SSA_DEFAULTS)
   if options["combine"] not in _SSA_COMBINE:
     raise ValueError(f"unknown model.ssa.combine {options['combine']!r}; expected one of "
                      f"{list(_SSA_COMBINE)}.")

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from models import layers
-from models.registry import register_mixer
+from models.registry import mixer_options, register_mixer
 from ops import gla as gla_ops
 
 # Options under `config.model.gla` and their defaults; configs/gla.py spells every one out, and the base
@@ -59,13 +59,7 @@ _OUTPUT_NORMS = ("rmsnorm", "layernorm", "none")
 
 def gla_options(config: Any) -> dict[str, Any]:
   """`DEFAULTS` updated by `config.gla` (the model config's optional sub-config); rejects unknown keys."""
-  options = dict(DEFAULTS)
-  if "gla" in config and config.gla is not None:
-    given = dict(config.gla.items())
-    unknown = sorted(set(given) - set(DEFAULTS))
-    if unknown:
-      raise ValueError(f"unknown model.gla option(s) {unknown}; valid: {sorted(DEFAULTS)}.")
-    options.update(given)
+  options = mixer_options(config, "gla", DEFAULTS)
   if options["feature_map"] not in _FEATURE_MAPS:
     raise ValueError(f"unknown model.gla.feature_map {options['feature_map']!r}; "
                      f"expected one of {sorted(_FEATURE_MAPS)}.")

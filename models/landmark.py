@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from data import landmark as landmark_data
 from models import layers
-from models.registry import register_mixer
+from models.registry import mixer_options, register_mixer
 from ops.landmark import landmark_attention
 from ops.landmark.retrieval import GRANULARITIES, retrieval_attention
 
@@ -57,13 +57,7 @@ _IMPLS = ("", "reference", "xla", "pallas")
 
 def landmark_options(config: Any) -> dict[str, Any]:
   """`DEFAULTS` updated by `config.landmark` (the model config's optional sub-config), validated."""
-  options = dict(DEFAULTS)
-  if "landmark" in config and config.landmark is not None:
-    given = dict(config.landmark.items())
-    unknown = sorted(set(given) - set(DEFAULTS))
-    if unknown:
-      raise ValueError(f"unknown model.landmark option(s) {unknown}; valid: {sorted(DEFAULTS)}.")
-    options.update(given)
+  options = mixer_options(config, "landmark", DEFAULTS)
 
   def check(name, ok, expected):
     if not ok:

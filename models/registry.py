@@ -24,7 +24,7 @@ may define a classmethod `test_config_overrides() -> dict` of config.model keys 
 e.g. {"gla.chunk_size": 8}) that the suite applies to its tiny model.
 """
 
-from typing import Callable
+from typing import Any, Callable
 
 _MIXERS: dict[str, type] = {}
 _MODELS: dict[str, type] = {}
@@ -62,3 +62,18 @@ def get_model_class(name: str) -> type:
 
 def mixer_names() -> list[str]:
   return sorted(_MIXERS)
+
+
+def mixer_options(config: Any, section: str, defaults: dict[str, Any]) -> dict[str, Any]:
+  """`defaults` updated by `config.<section>` (the model config's optional sub-config of a mixer).
+
+  Raises ValueError naming any unknown key, so a typo in `--config.model.<section>.*` cannot be ignored.
+  """
+  options = dict(defaults)
+  if section in config and config[section] is not None:
+    given = dict(config[section].items())
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+      raise ValueError(f"unknown model.{section} option(s) {unknown}; valid: {sorted(defaults)}.")
+    options.update(given)
+  return options

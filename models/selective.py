@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from models import layers
-from models.registry import register_mixer
+from models.registry import mixer_options, register_mixer
 from ops import selective as selective_ops
 
 # Options under `config.model.selective` and their defaults (configs/selective.py spells every one out).
@@ -41,13 +41,7 @@ DEFAULTS: dict[str, Any] = {
 
 def selective_options(config: Any) -> dict[str, Any]:
   """`DEFAULTS` updated by `config.selective` (optional sub-config); rejects unknown keys and bad values."""
-  options = dict(DEFAULTS)
-  if "selective" in config and config.selective is not None:
-    given = dict(config.selective.items())
-    unknown = sorted(set(given) - set(DEFAULTS))
-    if unknown:
-      raise ValueError(f"unknown model.selective option(s) {unknown}; valid: {sorted(DEFAULTS)}.")
-    options.update(given)
+  options = mixer_options(config, "selective", DEFAULTS)
   if options["memory_loss_weight"] < 0 or options["memory_tau"] <= 0:
     raise ValueError(f"model.selective needs memory_loss_weight >= 0 and memory_tau > 0, got "
                      f"{options['memory_loss_weight']} and {options['memory_tau']}.")

@@ -93,6 +93,15 @@ def random_ids(seed: int, shape: tuple[int, ...]) -> np.ndarray:
   return np.random.default_rng(seed).integers(FIRST_BYTE_ID, BYTE_ID_END, shape).astype(np.int32)
 
 
+def two_segments(split_points: Sequence[int], length: int = SEQ_LEN) -> tuple[np.ndarray, np.ndarray]:
+  """Two packed documents per row: segment_ids [1]*split + [2]*(length - split) and positions restarting
+  at each segment, both int32 [len(split_points), length]."""
+  index = np.arange(length)
+  segment_ids = np.stack([np.where(index < s, 1, 2) for s in split_points]).astype(np.int32)
+  positions = np.stack([np.where(index < s, index, index - s) for s in split_points]).astype(np.int32)
+  return segment_ids, positions
+
+
 def key(seed: int) -> jax.Array:
   """A PRNG key for initialisers. The "rbg" generator compiles several times faster than threefry on
   CPU (each threefry normal draw costs ~0.4 s of XLA compile), which dominates a tiny model's init."""

@@ -75,18 +75,11 @@ def _decode_matches_forward(config, pieces, cache_len):
   return expected, decoded
 
 
-def _packed_segments(split_points):
-  segment_ids = np.stack([np.where(np.arange(T) < s, 1, 2) for s in split_points]).astype(np.int32)
-  positions = np.stack([np.where(np.arange(T) < s, np.arange(T), np.arange(T) - s)
-                        for s in split_points]).astype(np.int32)
-  return segment_ids, positions
-
-
 def test_stream_packed_blocks_isolate_documents_with_the_blockwise_op():
   """packed_blocks="stream": window-aligned blocks, documents isolated by segment ids; the blockwise op
   ("xla") gives the same logits as the reference op, and one segment equals the unsegmented forward."""
   inputs = mt.random_ids(3, (B, T))
-  segment_ids, positions = _packed_segments((9, 14))
+  segment_ids, positions = mt.two_segments((9, 14))
   stream_xla = _config(packed_blocks="stream", impl="xla")
   model = models.get_model(stream_xla)
   params = mt.init_params(model)
@@ -99,7 +92,7 @@ def test_stream_packed_blocks_isolate_documents_with_the_blockwise_op():
     kept = segment_ids != changed_segment
     np.testing.assert_allclose(np.asarray(mt.forward(model, params, changed, segment_ids, positions))[kept],
                                logits[kept], rtol=0, atol=1e-5)
-  ones, arange = _packed_segments((T, T))
+  ones, arange = mt.two_segments((T, T))
   np.testing.assert_allclose(mt.forward(model, params, inputs, ones, arange),
                              mt.forward(model, params, inputs), rtol=0, atol=1e-5)
 

@@ -53,14 +53,6 @@ def trained(setup):
   return state, losses
 
 
-def _segments(split_points):
-  """segment_ids [1]*split + [2]*(T - split) per row, positions restarting at each segment."""
-  segment_ids = np.stack([np.where(np.arange(T) < s, 1, 2) for s in split_points]).astype(np.int32)
-  positions = np.stack([np.where(np.arange(T) < s, np.arange(T), np.arange(T) - s)
-                        for s in split_points]).astype(np.int32)
-  return segment_ids, positions
-
-
 def test_forward_shapes_and_finite(setup):
   logits = mt.forward(setup.model, setup.params, setup.inputs)
   assert logits.shape == (B, T, setup.config.vocab_size)
@@ -96,7 +88,7 @@ def test_mixer_jacobian_is_causal_and_segment_isolated(mixer):
 
   split = 10
   t_out, s_in = np.meshgrid(np.arange(T), np.arange(T), indexing="ij")
-  for segment_ids, positions in ((None, None), _segments([split])):
+  for segment_ids, positions in ((None, None), mt.two_segments([split])):
     block = np.asarray(influence(x, segment_ids, positions))
     visible = s_in <= t_out
     if segment_ids is not None:
@@ -109,7 +101,7 @@ def test_mixer_jacobian_is_causal_and_segment_isolated(mixer):
 def test_segment_isolation(setup):
   """Segment 1 ignores segment 2; segment 2's logits equal those of running it alone."""
   splits = (9, 14)
-  segment_ids, positions = _segments(splits)
+  segment_ids, positions = mt.two_segments(splits)
   base_logits = np.asarray(mt.forward(setup.model, setup.params, setup.inputs, segment_ids, positions))
 
   # Changing segment 2 cannot change segment 1 (and changing segment 1 cannot change segment 2).
@@ -122,7 +114,7 @@ def test_segment_isolation(setup):
                                err_msg=f"changing segment {changed_segment} changed the other one")
 
   # One segment with positions arange(T) is the same as passing neither.
-  ones, arange = _segments((T, T))
+  ones, arange = mt.two_segments((T, T))
   np.testing.assert_allclose(mt.forward(setup.model, setup.params, setup.inputs, ones, arange),
                              mt.forward(setup.model, setup.params, setup.inputs), rtol=0, atol=SEGMENT_ATOL)
 
