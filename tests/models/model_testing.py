@@ -145,6 +145,24 @@ def decode_in_pieces(decode_model: nn.Module, params: Any, inputs: np.ndarray, p
   return jnp.concatenate(outputs, axis=1)
 
 
+def decode_mixer_in_pieces(module: nn.Module, params: Any, x: jax.Array, piece_lengths: Sequence[int],
+                           cache_len: int) -> tuple[jax.Array, Any]:
+  """Feeds x [B, T, D] to a decode=True mixer (no LM around it) in consecutive pieces.
+
+  Returns (y [B, T, D], the final cache); the cache is sized by an init call of length cache_len.
+  """
+  shapes = jax.eval_shape(lambda: module.init(key(0), jnp.zeros((x.shape[0], cache_len, x.shape[2]))))
+  cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
+  step = jax.jit(lambda cache, x: module.apply({"params": params, "cache": cache}, x, mutable=["cache"]))
+  outputs, start = [], 0
+  for length in piece_lengths:
+    y, mutated = step(cache, x[:, start:start + length])
+    cache = mutated["cache"]
+    outputs.append(y)
+    start += length
+  return jnp.concatenate(outputs, axis=1), cache
+
+
 def lm_batch(inputs: np.ndarray) -> dict[str, np.ndarray]:
   """A train batch predicting each row's next id (the last target wraps around)."""
   return {"inputs": inputs, "targets": np.roll(inputs, -1, axis=1),

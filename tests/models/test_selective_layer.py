@@ -94,26 +94,13 @@ def test_layer_matches_reference_with_packed_documents():
   assert float(jnp.max(columns)) > 1.0
 
 
-def _decode(module, params, x, pieces, cache_len):
-  """Runs the decode=True layer over x in consecutive pieces: (y [B, T, D], final cache)."""
-  shapes = jax.eval_shape(lambda: module.init(mt.key(0), jnp.zeros((x.shape[0], cache_len, D))))
-  cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
-  step = jax.jit(lambda cache, x: module.apply({"params": params, "cache": cache}, x, mutable=["cache"]))
-  outputs, start = [], 0
-  for length in pieces:
-    y, mutated = step(cache, x[:, start:start + length])
-    cache = mutated["cache"]
-    outputs.append(y)
-    start += length
-  return jnp.concatenate(outputs, axis=1), cache
-
-
 def test_decode_column_sums_equal_forward():
   x = _x(3)
   positions = jnp.broadcast_to(jnp.arange(T), (B, T))
   want_y, want_columns, _ = _reference_layer(_params(), x, None, positions)
   cache_len = T + 3
-  y, cache = _decode(_module(decode=True), _params(), x, (5, 4, 1, 1, 1, 1), cache_len)
+  y, cache = mt.decode_mixer_in_pieces(_module(decode=True), _params(), x, (5, 4, 1, 1, 1, 1),
+                                       cache_len)
   np.testing.assert_allclose(np.asarray(y), np.asarray(want_y), rtol=0, atol=1e-5)
   columns = np.asarray(cache["column_sums"])
   assert columns.shape == (B, cache_len) and int(cache["index"]) == T
@@ -126,10 +113,12 @@ def test_decode_column_sums_equal_forward():
 def test_pruning_in_decoding():
   x = _x(4)
   pieces, cache_len = (6,) + (1,) * (T - 6), T
-  y_off, _ = _decode(_module(decode=True), _params(), x, pieces, cache_len)
-  y_huge, _ = _decode(_module(decode=True, prune_threshold=1e30), _params(), x, pieces, cache_len)
+  y_off, _ = mt.decode_mixer_in_pieces(_module(decode=True), _params(), x, pieces, cache_len)
+  y_huge, _ = mt.decode_mixer_in_pieces(_module(decode=True, prune_threshold=1e30), _params(), x, pieces,
+                                        cache_len)
   np.testing.assert_array_equal(np.asarray(y_huge), np.asarray(y_off))
-  y_pruned, _ = _decode(_module(decode=True, prune_threshold=0.5), _params(), x, pieces, cache_len)
+  y_pruned, _ = mt.decode_mixer_in_pieces(_module(decode=True, prune_threshold=0.5), _params(), x, pieces,
+                                          cache_len)
   forward_pruned, _ = _apply(_module(prune_threshold=0.5), _params(), x)
   np.testing.assert_allclose(np.asarray(y_pruned), np.asarray(forward_pruned), rtol=0, atol=1e-5)
   assert float(jnp.max(jnp.abs(y_pruned - y_off))) > 1e-3

@@ -188,20 +188,6 @@ class RowWithinBlockSSA(attention_lib.SelectiveSelfAttention):
     return super().temperatures(q, v, positions - positions[:, :1])
 
 
-def _decode_layer(module, params, x, pieces, cache_len):
-  """Runs the decode=True layer over x [B, T, D] in consecutive pieces; returns y [B, T, D]."""
-  shapes = jax.eval_shape(lambda: module.init(mt.key(0), jnp.zeros((x.shape[0], cache_len, D))))
-  cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
-  step = jax.jit(lambda cache, x: module.apply({"params": params, "cache": cache}, x, mutable=["cache"]))
-  outputs, start = [], 0
-  for length in pieces:
-    y, mutated = step(cache, x[:, start:start + length])
-    cache = mutated["cache"]
-    outputs.append(y)
-    start += length
-  return jnp.concatenate(outputs, axis=1)
-
-
 def test_decoding_uses_absolute_positions():
   """Single-token decoding == forward; the row-within-block bug (tau_pos = 1 when T = 1) fails this."""
   config = _config(**{"position_init": -0.5, "token_init_scale": 0.5})
@@ -210,7 +196,8 @@ def test_decoding_uses_absolute_positions():
   params = _params(models.get_mixer("ssa")(config=config), x)
   for cls, should_match in ((attention_lib.SelectiveSelfAttention, True), (RowWithinBlockSSA, False)):
     forward = np.asarray(_apply(cls(config=config), params, x))
-    decoded = np.asarray(_decode_layer(cls(config=config, decode=True), params, x, pieces, T + 3))
+    decoded, _ = mt.decode_mixer_in_pieces(cls(config=config, decode=True), params, x, pieces, T + 3)
+    decoded = np.asarray(decoded)
     np.testing.assert_allclose(decoded[:, :6], forward[:, :6], rtol=0, atol=1e-5)  # the prefill
     diff = np.abs(decoded[:, 6:] - forward[:, 6:]).max()
     assert (diff <= 1e-5) if should_match else (diff > 1e-3), (cls.__name__, diff)
