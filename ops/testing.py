@@ -107,3 +107,20 @@ def vjp_outputs(fn: Callable[..., jax.Array], args: Sequence[Any],
   """
   out, pullback = jax.vjp(fn, *args)
   return out, pullback(cotangent.astype(out.dtype))
+
+
+def largest_intermediate(jaxpr: Any) -> int:
+  """Largest element count of any value produced in a jaxpr, sub-jaxprs (scan, cond, jit) included.
+
+  Memory tests use it to show a blockwise op never materialises a T x S array.
+  """
+  largest = 0
+  for eqn in jaxpr.eqns:
+    for var in eqn.outvars:
+      largest = max(largest, int(np.prod(getattr(var.aval, "shape", ()))))
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        inner = getattr(sub, "jaxpr", None)
+        if inner is not None:
+          largest = max(largest, largest_intermediate(getattr(inner, "jaxpr", inner)))
+  return largest

@@ -342,20 +342,6 @@ def test_xla_block_size_invariance_under_jit_and_vmap():
   testing.assert_close("vmap", ref, vmapped(q, k, v, seg), testing.F32_RATIO)
 
 
-def _largest_intermediate(jaxpr) -> int:
-  """Largest element count of any value produced in a jaxpr, sub-jaxprs (scan, cond, jit) included."""
-  largest = 0
-  for eqn in jaxpr.eqns:
-    for var in eqn.outvars:
-      largest = max(largest, int(np.prod(getattr(var.aval, "shape", ()))))
-    for param in eqn.params.values():
-      for sub in param if isinstance(param, (tuple, list)) else (param,):
-        inner = getattr(sub, "jaxpr", None)
-        if inner is not None:
-          largest = max(largest, _largest_intermediate(getattr(inner, "jaxpr", inner)))
-  return largest
-
-
 def test_xla_never_materialises_full_logits():
   b, t, h, d = 1, 256, 2, 16
   q, k, v = testing.random_qkv(testing.rng("memory"), b, t, t, h, h, d)
@@ -365,11 +351,11 @@ def test_xla_never_materialises_full_logits():
     return jnp.sum(attention(q, k, v, signed=True, impl=impl, block_sizes=BlockSizes(32, 64)) ** 2)
   full_logits = b * h * t * t  # one tile is b * h * 32 * 64, 16x smaller
   xla_loss = functools.partial(loss, "xla")
-  assert _largest_intermediate(jax.make_jaxpr(xla_loss)(*shapes).jaxpr) < full_logits // 8
+  assert testing.largest_intermediate(jax.make_jaxpr(xla_loss)(*shapes).jaxpr) < full_logits // 8
   grad = jax.grad(xla_loss, argnums=(0, 1, 2))
-  assert _largest_intermediate(jax.make_jaxpr(grad)(*shapes).jaxpr) < full_logits // 8
+  assert testing.largest_intermediate(jax.make_jaxpr(grad)(*shapes).jaxpr) < full_logits // 8
   ref_loss = functools.partial(loss, "reference")  # sanity check of the walker
-  assert _largest_intermediate(jax.make_jaxpr(ref_loss)(*shapes).jaxpr) >= full_logits
+  assert testing.largest_intermediate(jax.make_jaxpr(ref_loss)(*shapes).jaxpr) >= full_logits
 
 
 TPU_INTERPRET_CASES = {

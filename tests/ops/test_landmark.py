@@ -275,20 +275,6 @@ def test_causality_via_gradients(impl):
   assert np.asarray(dk)[:, landmarks & (np.arange(t) < 12)].any()  # but earlier ones steer weights
 
 
-def _largest_intermediate(jaxpr) -> int:
-  """Largest element count of any value produced in a jaxpr, sub-jaxprs (scan, cond, jit) included."""
-  largest = 0
-  for eqn in jaxpr.eqns:
-    for var in eqn.outvars:
-      largest = max(largest, int(np.prod(getattr(var.aval, "shape", ()))))
-    for param in eqn.params.values():
-      for sub in param if isinstance(param, (tuple, list)) else (param,):
-        inner = getattr(sub, "jaxpr", None)
-        if inner is not None:
-          largest = max(largest, _largest_intermediate(getattr(inner, "jaxpr", inner)))
-  return largest
-
-
 def test_xla_never_materialises_full_weights():
   b, t, h, d, block_size = 1, 240, 2, 16, 5
   shapes = [jax.ShapeDtypeStruct((b, t, h, d), jnp.float32)] * 3
@@ -298,11 +284,11 @@ def test_xla_never_materialises_full_weights():
     return jnp.sum(o ** 2)
   full = b * h * t * t  # one tile is b * h * 32 * 60, 30x smaller
   xla_loss = functools.partial(loss, "xla")
-  assert _largest_intermediate(jax.make_jaxpr(xla_loss)(*shapes).jaxpr) < full // 8
+  assert testing.largest_intermediate(jax.make_jaxpr(xla_loss)(*shapes).jaxpr) < full // 8
   grad = jax.grad(xla_loss, argnums=(0, 1, 2))
-  assert _largest_intermediate(jax.make_jaxpr(grad)(*shapes).jaxpr) < full // 8
+  assert testing.largest_intermediate(jax.make_jaxpr(grad)(*shapes).jaxpr) < full // 8
   ref_loss = functools.partial(loss, "reference")  # sanity check of the walker
-  assert _largest_intermediate(jax.make_jaxpr(ref_loss)(*shapes).jaxpr) >= full
+  assert testing.largest_intermediate(jax.make_jaxpr(ref_loss)(*shapes).jaxpr) >= full
 
 
 def test_scale_and_dispatch():
