@@ -18,6 +18,21 @@ local batches k of processes 0..P-1 gives exactly a 1-process run's batch k.
 The iterator's state (get_state/set_state, or grain.checkpoint) is one index, so a
 restored iterator continues with exactly the batches the original would produce.
 
+Evaluation (eval_batches, eval_scored_bytes): the eval stream of a split is EOS_ID followed by
+corpora.load_stream(split) (each document's bytes then EOS), so the split's very first byte is
+predicted too, after an EOS context as every later document is. Window i has inputs
+ids[i*L : i*L+L] and targets ids[i*L+1 : i*L+L+1] of that eval stream: the windows tile it without
+overlap, every stream id is a target exactly once, and the weights mark the real byte targets
+(not EOS, not padding), so the whole split scores exactly its documents' total byte count. The
+last window is padded. With max_batches = 0 every window is scored in order (the last batch is
+padded with all-pad rows, weights 0). With max_batches > 0 and fewer than the split's W windows
+in k = max_batches * batch_size rows, the k windows floor(j * W / k), j = 0..k-1, are scored:
+distinct, sorted, evenly spread over the whole split, window 0 first (whole windows only, never
+the padded last one), in exactly max_batches full batches; otherwise the whole split is scored.
+eval_scored_bytes returns the bytes of the weighted targets in scoring order (EOS separators
+dropped), so its length is the sum of the eval weights, for compressor baselines
+(data/compressors.py).
+
 Synthetic source ``mqar`` (data/synthetic.py, options ``data.mqar``): training example
 i is a function of (train.seed, i), batched and sharded exactly as the windows above
 (without shuffling: the examples are already random); eval batches of split s are the
@@ -176,14 +191,45 @@ def make_train_iterator(data_config: Any, *, seq_len: int, global_batch_size: in
       process_index=process_index, process_count=process_count))
 
 
+def _eval_plan(data_config: Any, split: str, seq_len: int, batch_size: int,
+               max_batches: int) -> tuple[np.ndarray, np.ndarray]:
+  """Returns (the eval stream ids [n], the scored window indices [k] in scoring order).
+
+  The eval stream is EOS_ID then the split's load_stream; window i's targets are ids[i*L+1 : i*L+L+1].
+  """
+  if seq_len < 1 or batch_size < 1:
+    raise corpora.DataError(f"seq_len ({seq_len}) and the eval batch size ({batch_size}) "
+                            "must be positive.")
+  stream = corpora.load_stream(data_config, split)
+  ids = np.empty(len(stream) + 1, np.int32)
+  ids[0] = byte_vocab.EOS_ID  # the first byte is predicted after an EOS context, like every other document's
+  ids[1:] = stream
+  return ids, eval_window_indices(-(-len(stream) // seq_len), batch_size, max_batches)
+
+
+def eval_window_indices(num_windows: int, batch_size: int, max_batches: int = 0) -> np.ndarray:
+  """The eval windows scored, int64 [k], sorted and distinct (see the module docstring).
+
+  All of range(num_windows) when max_batches <= 0 or max_batches * batch_size >= num_windows;
+  otherwise the k = max_batches * batch_size windows floor(j * num_windows / k), j = 0..k-1.
+  """
+  k = max_batches * batch_size if max_batches > 0 else num_windows
+  if k >= num_windows:
+    return np.arange(num_windows, dtype=np.int64)
+  return np.arange(k, dtype=np.int64) * num_windows // k  # steps of num_windows / k > 1: distinct
+
+
 def eval_batches(data_config: Any, split: str, *, seq_len: int, batch_size: int,
                  max_batches: int = 0) -> Iterator[Batch]:
   """Yields fixed eval batches of [batch_size, seq_len] arrays over one split.
 
-  Window i has inputs stream[i*L : i*L+L] and targets stream[i*L+1 : i*L+L+1], so
-  every stream id after the first is a target exactly once. The last window is
-  padded, and the last batch gets all-pad rows (weights 0). max_batches > 0 stops
-  early.
+  The eval stream is EOS_ID then corpora.load_stream(split); window i has inputs
+  ids[i*L : i*L+L] and targets ids[i*L+1 : i*L+L+1], so every byte of the split (its first
+  one included) is a weighted target exactly once when the whole split is read. The last
+  window is padded, and the last batch gets all-pad rows (weights 0). max_batches > 0 reads
+  at most max_batches batches: when the split has more windows than max_batches * batch_size,
+  that many windows evenly spread over the whole split (eval_window_indices), not the first
+  ones. MQAR sources yield their first eval examples instead (module docstring).
   """
   if seq_len < 1 or batch_size < 1:
     raise corpora.DataError(f"seq_len ({seq_len}) and the eval batch size ({batch_size}) "
@@ -191,19 +237,42 @@ def eval_batches(data_config: Any, split: str, *, seq_len: int, batch_size: int,
   if getattr(data_config, "source", "bundled") == "mqar":
     yield from _mqar_eval_batches(data_config, split, seq_len, batch_size, max_batches)
     return
-  stream = corpora.load_stream(data_config, split)
+  ids, windows = _eval_plan(data_config, split, seq_len, batch_size, max_batches)
   segment_documents = bool(getattr(data_config, "segment_documents", True))
-  num_targets = len(stream) - 1
-  num_windows = -(-num_targets // seq_len)
-  num_batches = -(-num_windows // batch_size)
-  if max_batches > 0:
-    num_batches = min(num_batches, max_batches)
+  num_targets = len(ids) - 1
   span = np.arange(seq_len + 1)
-  for k in range(num_batches):
-    starts = (k * batch_size + np.arange(batch_size)) * seq_len
+  for k in range(-(-len(windows) // batch_size)):
+    rows = windows[k * batch_size:(k + 1) * batch_size]
+    starts = np.full(batch_size, num_targets, np.int64)  # rows past the last window: all padding
+    starts[:len(rows)] = rows * seq_len
     valid = np.clip(num_targets - starts, 0, seq_len)
-    windows = stream[np.minimum(starts[:, None] + span, len(stream) - 1)]
-    yield _features(windows, valid, segment_documents, eval_weights=True)
+    batch_windows = ids[np.minimum(starts[:, None] + span, num_targets)]
+    yield _features(batch_windows, valid, segment_documents, eval_weights=True)
+
+
+def eval_scored_bytes(data_config: Any, split: str, *, seq_len: int, batch_size: int,
+                      max_batches: int = 0) -> bytes:
+  """The bytes that eval_batches (same arguments) scores, in scoring order, concatenated.
+
+  Exactly the weighted targets: the scored windows' targets in window order with the EOS
+  separators dropped (they are not bytes and carry no weight), so len(result) equals the sum of
+  the weights over eval_batches. For the whole split (max_batches = 0, or a cap that covers
+  every window) that is b"".join(corpora.load_documents(split)); for a spread sample it is the
+  sampled windows' bytes back to back. Compressor baselines compress this one string
+  (data/compressors.py). Raises DataError for synthetic sources, which have no text.
+  """
+  source = getattr(data_config, "source", "bundled")
+  if source in corpora.SYNTHETIC_SOURCES:
+    raise corpora.DataError(f"data.source {source!r} is synthetic: its eval targets are not text, so "
+                            "there are no scored bytes to compress.")
+  ids, windows = _eval_plan(data_config, split, seq_len, batch_size, max_batches)
+  num_windows = -(-(len(ids) - 1) // seq_len)
+  if len(windows) == num_windows:
+    targets = ids[1:]
+  else:  # sampled windows are never the last one, so all are whole
+    targets = ids[(windows[:, None] * seq_len + 1 + np.arange(seq_len)).reshape(-1)]
+  targets = targets[byte_vocab.is_byte_id(targets)]
+  return (targets - byte_vocab.BYTE_OFFSET).astype(np.uint8).tobytes()
 
 
 def _mqar_eval_batches(data_config: Any, split: str, seq_len: int, batch_size: int,

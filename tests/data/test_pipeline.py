@@ -54,48 +54,129 @@ def test_segments_on_hand_built_stream():
 
 
 def test_eval_batches_hand_built(tmp_path):
-  # Stream: a b EOS c d e EOS f EOS  (9 ids, 8 targets, 2 windows of 4).
+  # Eval stream: EOS a b EOS c d e EOS f EOS  (10 ids, 9 targets, 3 windows of 4).
   cfg = _docs_cfg(tmp_path, [b"ab", b"cde", b"f"])
-  batches = list(pipeline.eval_batches(cfg, "all", seq_len=4, batch_size=3))
-  assert len(batches) == 1
-  b = batches[0]
-  assert {k: (v.shape, v.dtype) for k, v in b.items()} == {
-      k: ((3, 4), np.float32 if k == "weights" else np.int32) for k in KEYS}
-  ids = lambda s: [1 if c == "|" else ord(c) + 3 for c in s]  # "|" is EOS
-  np.testing.assert_array_equal(b["inputs"], [ids("ab|c"), ids("de|f"), [0] * 4])
-  np.testing.assert_array_equal(b["targets"], [ids("b|cd"), ids("e|f|"), [0] * 4])
-  np.testing.assert_array_equal(b["segment_ids"], [[1, 1, 1, 2], [1, 1, 1, 2], [0] * 4])
-  np.testing.assert_array_equal(b["positions"], [[0, 1, 2, 0], [0, 1, 2, 0], [0] * 4])
-  np.testing.assert_array_equal(b["weights"], [[1, 0, 1, 1], [1, 0, 1, 0], [0] * 4])
+  batches = list(pipeline.eval_batches(cfg, "all", seq_len=4, batch_size=2))
+  assert len(batches) == 2
+  for b in batches:
+    assert {k: (v.shape, v.dtype) for k, v in b.items()} == {
+        k: ((2, 4), np.float32 if k == "weights" else np.int32) for k in KEYS}
+  b = {k: np.concatenate([x[k] for x in batches]) for k in KEYS}
+  ids = lambda s: [1 if c == "|" else 0 if c == "." else ord(c) + 3 for c in s]  # "|" EOS, "." pad
+  np.testing.assert_array_equal(b["inputs"], [ids("|ab|"), ids("cde|"), ids("f..."), [0] * 4])
+  np.testing.assert_array_equal(b["targets"], [ids("ab|c"), ids("de|f"), ids("|..."), [0] * 4])
+  np.testing.assert_array_equal(b["segment_ids"], [[1, 2, 2, 2], [1, 1, 1, 1], [1, 0, 0, 0], [0] * 4])
+  np.testing.assert_array_equal(b["positions"], [[0, 0, 1, 2], [0, 1, 2, 3], [0] * 4, [0] * 4])
+  # The first byte "a" is scored (after the EOS context); EOS targets and padding are not.
+  np.testing.assert_array_equal(b["weights"], [[1, 1, 0, 1], [1, 1, 0, 1], [0] * 4, [0] * 4])
+  assert b["weights"].sum() == 6 == len(b"ab" + b"cde" + b"f")
+  assert pipeline.eval_scored_bytes(cfg, "all", seq_len=4, batch_size=2) == b"abcdef"
   flat = list(pipeline.eval_batches(_docs_cfg(tmp_path, [b"ab", b"cde", b"f"],
                                               segment_documents=False),
-                                    "all", seq_len=4, batch_size=3))[0]
-  np.testing.assert_array_equal(flat["segment_ids"], [[1] * 4, [1] * 4, [0] * 4])
-  np.testing.assert_array_equal(flat["positions"], [np.arange(4)] * 2 + [[0] * 4])
+                                    "all", seq_len=4, batch_size=2))
+  flat = {k: np.concatenate([x[k] for x in flat]) for k in KEYS}
+  np.testing.assert_array_equal(flat["segment_ids"], [[1] * 4, [1] * 4, [1, 0, 0, 0], [0] * 4])
+  np.testing.assert_array_equal(flat["positions"], [np.arange(4)] * 2 + [[0] * 4] * 2)
+
+
+def _random_docs(seed, n=9, max_len=40):
+  rng = np.random.default_rng(seed)
+  return [bytes(rng.integers(0, 256, int(k), dtype=np.uint8)) for k in rng.integers(1, max_len, n)]
+
+
+def _rows(batches):
+  return {k: np.concatenate([b[k] for b in batches]) for k in KEYS}
+
+
+def _scored_bytes_of(batches):
+  rows = _rows(batches)
+  return (rows["targets"][rows["weights"] > 0] - byte_vocab.BYTE_OFFSET).astype(np.uint8).tobytes()
 
 
 @pytest.mark.parametrize("seq_len, batch_size", [(7, 3), (16, 2), (1, 5)])
 def test_eval_windows_cover_every_target_once(tmp_path, seq_len, batch_size):
-  rng = np.random.default_rng(seq_len)
-  docs = [bytes(rng.integers(0, 256, int(n), dtype=np.uint8)) for n in rng.integers(1, 40, 9)]
+  docs = _random_docs(seq_len)
   cfg = _docs_cfg(tmp_path, docs)
   stream = corpora.load_stream(cfg, "all")
+  ids = np.concatenate([[byte_vocab.EOS_ID], stream])  # the eval stream
   batches = list(pipeline.eval_batches(cfg, "all", seq_len=seq_len, batch_size=batch_size))
   assert all(b["inputs"].shape == (batch_size, seq_len) for b in batches)
   real = np.concatenate([b["segment_ids"].reshape(-1) > 0 for b in batches])
   targets = np.concatenate([b["targets"].reshape(-1) for b in batches])
   inputs = np.concatenate([b["inputs"].reshape(-1) for b in batches])
   weights = np.concatenate([b["weights"].reshape(-1) for b in batches])
-  np.testing.assert_array_equal(targets[real], stream[1:])
-  np.testing.assert_array_equal(inputs[real], stream[:-1])
+  np.testing.assert_array_equal(targets[real], ids[1:])
+  np.testing.assert_array_equal(inputs[real], ids[:-1])
   assert (targets[~real] == byte_vocab.PAD_ID).all() and (inputs[~real] == 0).all()
   np.testing.assert_array_equal(weights, real & byte_vocab.is_byte_id(targets))
-  # Every byte but the stream's first is a target; EOS and padding carry no weight.
-  assert weights.sum() == sum(len(d) for d in docs) - 1
-  assert len(batches) == -(-(-(-(len(stream) - 1) // seq_len)) // batch_size)
-  limited = list(pipeline.eval_batches(cfg, "all", seq_len=seq_len, batch_size=batch_size,
-                                       max_batches=1))
-  _assert_batches_equal(limited, batches[:1])
+  # Every byte, the stream's first included, is a target; EOS and padding carry no weight.
+  assert weights.sum() == sum(len(d) for d in docs)
+  assert len(batches) == -(-(-(-len(stream) // seq_len)) // batch_size)
+  scored = pipeline.eval_scored_bytes(cfg, "all", seq_len=seq_len, batch_size=batch_size)
+  assert scored == b"".join(docs) == _scored_bytes_of(batches)
+  # A cap that covers every window reads the whole split, unchanged.
+  capped = list(pipeline.eval_batches(cfg, "all", seq_len=seq_len, batch_size=batch_size,
+                                      max_batches=len(batches)))
+  _assert_batches_equal(capped, batches)
+
+
+def test_eval_window_indices():
+  np.testing.assert_array_equal(pipeline.eval_window_indices(10, 2, 2), [0, 2, 5, 7])
+  np.testing.assert_array_equal(pipeline.eval_window_indices(10, 3, 3), [0, 1, 2, 3, 4, 5, 6, 7, 8])
+  for cap in (0, 5, 7):  # none, exactly every window, more than every window
+    np.testing.assert_array_equal(pipeline.eval_window_indices(10, 2, cap), np.arange(10))
+  for n in range(1, 60):
+    for k in range(1, n):
+      w = pipeline.eval_window_indices(n, k, 1)
+      assert len(w) == k and w[0] == 0 and (np.diff(w) > 0).all() and w[-1] <= n - 2
+      assert w[-1] >= n - 1 - n / k  # the sample reaches the end of the split
+  big = pipeline.eval_window_indices(1800, 16, 8)  # the bundled valid split's scale
+  assert len(big) == 128 and big[-1] > 1750 and set(np.diff(big)) <= {14, 15}
+
+
+@pytest.mark.parametrize("seq_len, batch_size, max_batches", [(7, 3, 2), (5, 4, 1), (1, 5, 3)])
+def test_eval_spread_sample(tmp_path, seq_len, batch_size, max_batches):
+  docs = _random_docs(seq_len + 100, n=12)
+  cfg = _docs_cfg(tmp_path, docs)
+  kw = dict(seq_len=seq_len, batch_size=batch_size)
+  whole = _rows(list(pipeline.eval_batches(cfg, "all", **kw)))
+  num_windows = -(-len(corpora.load_stream(cfg, "all")) // seq_len)
+  assert num_windows > 4 * max_batches * batch_size  # a real sample
+  sample = list(pipeline.eval_batches(cfg, "all", max_batches=max_batches, **kw))
+  assert len(sample) == max_batches
+  assert all(b[k].shape == (batch_size, seq_len) for b in sample for k in KEYS)
+  windows = pipeline.eval_window_indices(num_windows, batch_size, max_batches)
+  assert windows[0] == 0 and windows[-1] >= num_windows - 1 - num_windows / len(windows)  # to the end
+  rows = _rows(sample)
+  for k in KEYS:  # the same windows, laid out as in the whole-split eval
+    np.testing.assert_array_equal(rows[k], whole[k][windows])
+  assert (rows["segment_ids"] > 0).all()  # whole windows: no padding
+  scored = pipeline.eval_scored_bytes(cfg, "all", max_batches=max_batches, **kw)
+  assert len(scored) == rows["weights"].sum() > 0
+  assert scored == _scored_bytes_of(sample)
+  assert list(pipeline.eval_batches(cfg, "all", max_batches=max_batches, **kw))[0]["inputs"][0, 0] \
+      == byte_vocab.EOS_ID  # window 0 first: the eval stream's leading EOS
+
+
+def test_text_files_score_every_byte(tmp_path):
+  a = tmp_path / "notes.txt"
+  a.write_bytes(("def f(x):\n  return x + 1  # héllo, wörld\n" * 5).encode("utf-8"))
+  b = tmp_path / "more.bin"
+  b.write_bytes(bytes(range(256)) * 3 + b"\x01\x00")  # raw bytes 0 and 1 are bytes, not PAD/EOS
+  for paths in ((a,), (a, b)):
+    cfg = _cfg(source="files", paths=tuple(str(p) for p in paths))
+    size = sum(p.stat().st_size for p in paths)
+    for batch_size in (4, 64):
+      batches = list(pipeline.eval_batches(cfg, "all", seq_len=32, batch_size=batch_size))
+      assert sum(float(x["weights"].sum()) for x in batches) == size
+      scored = pipeline.eval_scored_bytes(cfg, "all", seq_len=32, batch_size=batch_size)
+      assert scored == b"".join(p.read_bytes() for p in paths) == _scored_bytes_of(batches)
+
+
+def test_eval_scored_bytes_rejects_synthetic_sources():
+  cfg = _cfg(source="mqar")
+  with pytest.raises(corpora.DataError, match="no scored bytes"):
+    pipeline.eval_scored_bytes(cfg, "valid", seq_len=64, batch_size=4)
 
 
 def test_train_batches_shape_and_content(tmp_path):
