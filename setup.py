@@ -18,9 +18,11 @@ setuptools.setup(
         "ml_collections>=1.0",
         "absl-py>=2.0",
         "numpy>=2.0",
+        "tensorboardX>=2.6",
+        "tqdm>=4.66",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "tensorboard>=2.16"],
         "gpu": ["jax[cuda13]>=0.11.2"],
         "tpu": ["jax[tpu]>=0.11.2"],
     },

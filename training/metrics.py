@@ -1,24 +1,66 @@
-"""Metric logging (JSONL + TensorBoard), a console progress bar, and tables."""
+"""Metric logging (JSONL + TensorBoard), console progress, and tables.
+
+Public API:
+
+  MetricsLogger(workdir, *, enabled=True)
+      .write(step, metrics)        appends {"step": step, **metrics} to
+                                   <workdir>/metrics.jsonl and the numeric
+                                   values as TensorBoard scalars (tensorboardX)
+      .close(), context manager
+    Files are opened at the first write that has something new, so a run that
+    logs nothing creates no files. Keys already in metrics.jsonl at a step
+    (from an earlier or finished run in the same workdir) are dropped, and a
+    write with nothing left writes nothing: re-runs never duplicate records.
+
+  ProgressBar(total_steps, *, start_step=0, stream=None, enabled=True,
+              min_interval_s=0.2, clock=time.monotonic)
+      .update(step, *, force=False, **fields)   fields e.g. loss=, tokens_per_s=
+      .write(msg), .close(), context manager
+    Training progress by absolute step.
+
+  progress(iterable=None, *, total, unit="it", desc="", unit_scale=None,
+           enabled=True, stream=None, clock=time.monotonic) -> Progress
+      .update(n=1), iter(...) when given an iterable, .write(msg), .close(),
+      context manager
+    Progress for evaluation loops, e.g.
+      with metrics.progress(total=num_bytes, unit="B", desc="bpb valid") as bar:
+        ...; bar.update(bytes_in_batch)
+    unit="B" scales by default (kB/s, MB/s).
+
+  format_table(rows, columns=None) -> str
+
+Both progress kinds go to `stream` (default sys.stderr). On a terminal tqdm
+redraws one line with rate and ETA. Off a terminal (log files, CI, pytest
+capture) they never write tqdm's "\\r" output; they print a plain line instead
+about every 5% of the total (and, for ProgressBar, on update(force=True); for
+progress(), once more at the end). enabled=False (non-zero JAX processes) makes
+every one of these a complete no-op: no output and no files.
+"""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import numbers
 import os
-import shutil
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TextIO
 
-from training.tensorboard import EventWriter
+import tensorboardX
+import tqdm
 
-__all__ = ["MetricsLogger", "ProgressBar", "format_table"]
+__all__ = ["MetricsLogger", "Progress", "ProgressBar", "format_table", "progress"]
 
 METRICS_FILENAME = "metrics.jsonl"
-_BAR_WIDTH = 20
+# Off a terminal, a plain progress line every this fraction of the total.
+_PLAIN_FRACTION = 0.05
+# Distinguishes event files opened by one process within the same second
+# (tensorboardX names them by the second and truncates an existing file).
+_EVENTS_COUNTER = itertools.count()
 
 
 def _to_python(value: Any) -> Any:
@@ -48,47 +90,108 @@ def _json_value(value: Any) -> Any:
   return str(value)
 
 
+def _scalar_value(value: Any) -> float | None:
+  """The TensorBoard scalar for `value` (non-finite kept), None if not a number."""
+  value = _to_python(value)
+  if isinstance(value, (int, float)):  # bool is an int: logged as 0/1.
+    return float(value)
+  return None
+
+
+def _logged_keys(path: str) -> dict[int, set[str]]:
+  """Per step, the metric keys already in the JSONL file at `path`."""
+  logged: dict[int, set[str]] = {}
+  try:
+    f = open(path, encoding="utf-8")
+  except FileNotFoundError:
+    return logged
+  with f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except ValueError:  # e.g. a line cut short by a crash.
+        continue
+      if isinstance(record, dict) and isinstance(record.get("step"), int):
+        logged.setdefault(record["step"], set()).update(
+            k for k in record if k != "step")
+  return logged
+
+
 class MetricsLogger:
   """Appends metrics to `<workdir>/metrics.jsonl` and TensorBoard event files.
 
-  With enabled=False (non-zero JAX processes) every method is a no-op and no
-  files are created.
+  Every write is flushed (cheap at log frequency, keeps files usable after a
+  crash). Strings go to the JSONL only; numbers (finite or not) to both. Keys
+  already logged at a step, by this logger or by an earlier run found in
+  metrics.jsonl, are dropped. With enabled=False (non-zero JAX processes)
+  every method is a no-op and no files are created.
   """
 
   def __init__(self, workdir: str, *, enabled: bool = True):
     self.workdir = workdir
     self.enabled = enabled
+    self._path = os.path.join(workdir, METRICS_FILENAME)
     self._jsonl: TextIO | None = None
-    self._events: EventWriter | None = None
-    if enabled:
-      os.makedirs(workdir, exist_ok=True)
-      # Append so a resumed run continues the same file.
-      self._jsonl = open(os.path.join(workdir, METRICS_FILENAME), "a",
-                         encoding="utf-8")
-      self._events = EventWriter(workdir)
+    self._tb: tensorboardX.SummaryWriter | None = None
+    self._closed = False
+    self._logged = _logged_keys(self._path) if enabled else {}
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
-    """Logs `metrics` at `step` to both sinks and flushes them."""
+    """Logs the keys of `metrics` not yet logged at `step`, if any."""
     if not self.enabled:
       return
-    if self._jsonl is None or self._events is None:
+    if self._closed:
       raise ValueError("MetricsLogger is closed.")
     step = int(step)
+    seen = self._logged.setdefault(step, set())
+    new = {str(k): v for k, v in metrics.items() if str(k) not in seen}
+    if not new:
+      return
     record = {"step": step}
-    record.update((str(k), _json_value(v)) for k, v in metrics.items())
-    self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
-    # Flush every write: cheap at log frequency, keeps files usable on crash.
+    record.update((k, _json_value(v)) for k, v in new.items())
+    line = json.dumps(record, allow_nan=False) + "\n"
+    scalars = {k: s for k, v in new.items() if (s := _scalar_value(v)) is not None}
+    self._jsonl_file().write(line)
     self._jsonl.flush()
-    self._events.scalars(step, {k: _to_python(v) for k, v in metrics.items()})
-    self._events.flush()
+    if scalars:
+      tb = self._tb_writer()
+      for tag, value in scalars.items():
+        tb.add_scalar(tag, value, step)
+      tb.flush()
+    seen.update(new)
+
+  def _jsonl_file(self) -> TextIO:
+    if self._jsonl is None:
+      os.makedirs(self.workdir, exist_ok=True)
+      # Append so a resumed run continues the same file; end a line a crash
+      # left unterminated so the next record starts on its own line.
+      self._jsonl = open(self._path, "a+", encoding="utf-8")
+      if self._jsonl.tell() > 0:
+        self._jsonl.seek(self._jsonl.tell() - 1)
+        if self._jsonl.read(1) != "\n":
+          self._jsonl.write("\n")
+    return self._jsonl
+
+  def _tb_writer(self) -> tensorboardX.SummaryWriter:
+    # A resumed run gets a new events file next to the old ones; TensorBoard
+    # merges a directory's files. No purge_step: the logger does not know the
+    # restored step, and write() never repeats a (step, key) pair from
+    # metrics.jsonl, so there is nothing to purge; purging steps >= the
+    # restored one would instead hide the kept first values of re-run steps.
+    if self._tb is None:
+      self._tb = tensorboardX.SummaryWriter(
+          self.workdir, flush_secs=10,
+          filename_suffix=f".{os.getpid()}.{next(_EVENTS_COUNTER)}")
+    return self._tb
 
   def close(self) -> None:
+    self._closed = True
     if self._jsonl is not None:
       self._jsonl.close()
       self._jsonl = None
-    if self._events is not None:
-      self._events.close()
-      self._events = None
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
 
   def __enter__(self) -> MetricsLogger:
     return self
@@ -96,6 +199,11 @@ class MetricsLogger:
   def __exit__(self, exc_type: type[BaseException] | None,
                exc: BaseException | None, tb: TracebackType | None) -> None:
     self.close()
+
+
+# ----------------------------------------------------------------------------
+# Progress.
+# ----------------------------------------------------------------------------
 
 
 def _format_si(value: float) -> str:
@@ -121,21 +229,52 @@ def _format_field(value: Any) -> str:
   return str(value)
 
 
-class ProgressBar:
-  """Training progress on the console.
+def _format_fields(fields: Mapping[str, Any]) -> list[str]:
+  """loss= as "loss 2.346", tokens_per_s= as "4.9k tok/s", others "name value"."""
+  fields = dict(fields)
+  parts = []
+  loss = fields.pop("loss", None)
+  if loss is not None:
+    parts.append(f"loss {_to_python(loss):.3f}")
+  tps = fields.pop("tokens_per_s", None)
+  if tps is not None:
+    parts.append(f"{_format_si(_to_python(tps))} tok/s")
+  parts.extend(f"{k} {_format_field(v)}" for k, v in fields.items() if v is not None)
+  return parts
 
-  On a TTY, redraws a single line with "\\r" (rate-limited by min_interval_s).
-  Elsewhere (log files, CI) prints a plain line only on update(force=True),
-  which the training loop passes at its log steps.
+
+def _is_tty(stream: TextIO) -> bool:
+  isatty = getattr(stream, "isatty", None)
+  try:
+    return bool(isatty and isatty())
+  except ValueError:  # closed stream
+    return False
+
+
+def _plain_every(total: int | None) -> int:
+  """Items between plain (non-terminal) lines: ~5% of the total, at least 1."""
+  if not total or total <= 0:
+    return 0  # unknown total: no periodic lines
+  return max(1, math.ceil(_PLAIN_FRACTION * total))
+
+
+class ProgressBar:
+  """Training progress by step, on tqdm.
+
+  On a terminal, a tqdm bar (created at the first update(), so its rate and
+  ETA exclude what came before, e.g. compilation) with the fields as postfix,
+  redrawn at most every min_interval_s unless forced. Off a terminal, a plain
+  line "step 11/100 (11.0%) | loss 2.346 | 1.2k tok/s | eta 0:01:29" on
+  update(force=True) and whenever ~5% of total_steps passed since the last one.
+  A field keeps its last value until passed again.
 
   Args:
     total_steps: last step of the run (the bar's 100%).
-    start_step: step the run (re)starts from; informational, the rate/ETA
-      reference is the first update() since it includes compilation.
+    start_step: step the run (re)starts from.
     stream: text stream; defaults to sys.stderr at construction time.
     enabled: False on non-zero JAX processes; every method is then a no-op.
-    min_interval_s: minimum seconds between TTY redraws (unless forced).
-    clock: monotonic time source, injectable for tests.
+    min_interval_s: minimum seconds between terminal redraws (unless forced).
+    clock: monotonic time source for the plain lines' ETA (tests inject one).
   """
 
   def __init__(self, total_steps: int, *, start_step: int = 0,
@@ -149,100 +288,79 @@ class ProgressBar:
     self.enabled = enabled
     self.min_interval_s = min_interval_s
     self._clock = clock
-    isatty = getattr(self.stream, "isatty", None)
-    self._tty = bool(isatty and isatty())
-    # Rate reference: the first update (it includes compilation time).
-    self._first_time: float | None = None
-    self._first_step: int | None = None
-    self._last_draw: float | None = None
-    self._line = ""  # Last line drawn on the TTY ("" when none visible).
+    self._tty = enabled and _is_tty(self.stream)
+    self._bar: tqdm.tqdm | None = None
+    self._every = _plain_every(self.total_steps)
+    self._last_plain_step = self.start_step
+    # Rate reference for plain lines: the first update (it includes compilation).
+    self._first: tuple[float, int] | None = None
+    self._fields: dict[str, Any] = {}
     self._closed = False
-
-  def _eta_s(self, step: int, now: float) -> float | None:
-    if self._first_step is None or step <= self._first_step:
-      return None
-    rate = (step - self._first_step) / max(now - self._first_time, 1e-9)
-    return max(self.total_steps - step, 0) / rate
-
-  def _render(self, step: int, fields: Mapping[str, Any], now: float,
-              width: int | None) -> str:
-    """One status line; width=None renders the plain (non-TTY) variant."""
-    if width is None:
-      pct = 100.0 * step / max(self.total_steps, 1)
-      parts = [f"step {step}/{self.total_steps} ({pct:.1f}%)"]
-    else:
-      parts = [f"{step}/{self.total_steps}"]
-    fields = dict(fields)
-    loss = fields.pop("loss", None)
-    if loss is not None:
-      parts.append(f"loss {_to_python(loss):.3f}")
-    tps = fields.pop("tokens_per_s", None)
-    if tps is not None:
-      parts.append(f"{_format_si(_to_python(tps))} tok/s")
-    for name, value in fields.items():
-      if value is not None:
-        parts.append(f"{name} {_format_field(value)}")
-    eta = self._eta_s(step, now)
-    parts.append("eta " + ("?" if eta is None else _format_duration(eta)))
-    text = " | ".join(parts)
-    if width is None:
-      return text
-    # TTY: fixed-width bar (so redraws don't jitter) when the line fits.
-    bar_width = _BAR_WIDTH
-    if len(text) + bar_width + 3 < width:
-      frac = min(max(step / max(self.total_steps, 1), 0.0), 1.0)
-      filled = int(round(frac * bar_width))
-      text = f"[{'#' * filled}{'.' * (bar_width - filled)}] {text}"
-    return text[:width - 1]  # Never wrap, or "\r" stops working.
 
   def update(self, step: int, *, force: bool = False, **fields: Any) -> None:
     """Reports progress at `step`; fields such as loss=, tokens_per_s=."""
     if not self.enabled or self._closed:
       return
     step = int(step)
-    now = self._clock()
-    if self._first_time is None:
-      self._first_time, self._first_step = now, step
+    # Fields persist until given again: tokens_per_s (passed at log steps only)
+    # stays on the line between them.
+    self._fields.update(fields)
+    fields = self._fields
     if self._tty:
-      due = (force or self._last_draw is None or step >= self.total_steps or
-             now - self._last_draw >= self.min_interval_s)
-      if due:
-        width = shutil.get_terminal_size().columns
-        self._draw(self._render(step, fields, now, width))
-        self._last_draw = now
-    elif force:
-      self.stream.write(self._render(step, fields, now, None) + "\n")
+      self._update_tty(step, force, fields)
+      return
+    now = self._clock()
+    if self._first is None:
+      self._first = (now, step)
+    if force or (self._every and step - self._last_plain_step >= self._every):
+      self._last_plain_step = step
+      self.stream.write(self._plain_line(step, fields, now) + "\n")
       self.stream.flush()
 
-  def _draw(self, line: str) -> None:
-    # Pad with spaces to erase leftovers of a longer previous line.
-    pad = max(len(self._line) - len(line), 0)
-    self.stream.write("\r" + line + " " * pad)
-    self.stream.flush()
-    self._line = line
+  def _update_tty(self, step: int, force: bool, fields: Mapping[str, Any]) -> None:
+    if self._bar is None:
+      self._bar = tqdm.tqdm(total=self.total_steps, initial=step, unit="step",
+                            file=self.stream, dynamic_ncols=True,
+                            mininterval=self.min_interval_s)
+    self._bar.set_postfix_str(", ".join(_format_fields(fields)), refresh=False)
+    if step > self._bar.n:
+      self._bar.update(step - self._bar.n)
+    elif step < self._bar.n:
+      self._bar.n = step
+      force = True
+    if force:
+      self._bar.refresh()
+
+  def _plain_line(self, step: int, fields: Mapping[str, Any], now: float) -> str:
+    pct = 100.0 * step / max(self.total_steps, 1)
+    parts = [f"step {step}/{self.total_steps} ({pct:.1f}%)"]
+    parts.extend(_format_fields(fields))
+    t0, step0 = self._first
+    eta = None
+    if step > step0:
+      rate = (step - step0) / max(now - t0, 1e-9)
+      eta = max(self.total_steps - step, 0) / rate
+    parts.append("eta " + ("?" if eta is None else _format_duration(eta)))
+    return " | ".join(parts)
 
   def write(self, msg: str) -> None:
     """Prints a message on its own line without corrupting the bar."""
     if not self.enabled:
       return
-    if self._tty and self._line:
-      line = self._line
-      self.stream.write("\r" + " " * len(line) + "\r" + msg + "\n")
-      self._line = ""
-      self._draw(line)  # Bring the bar back below the message.
+    if self._bar is not None:
+      tqdm.tqdm.write(msg, file=self.stream)  # clears the bar, redraws it below
     else:
       self.stream.write(msg + "\n")
-      self.stream.flush()
+    self.stream.flush()
 
   def close(self) -> None:
     """Ends the bar's line; further updates are ignored."""
     if not self.enabled or self._closed:
       return
     self._closed = True
-    if self._tty and self._line:
-      self.stream.write("\n")
-      self.stream.flush()
-      self._line = ""
+    if self._bar is not None:
+      self._bar.close()
+      self._bar = None
 
   def __enter__(self) -> ProgressBar:
     return self
@@ -250,6 +368,151 @@ class ProgressBar:
   def __exit__(self, exc_type: type[BaseException] | None,
                exc: BaseException | None, tb: TracebackType | None) -> None:
     self.close()
+
+
+class Progress:
+  """Progress of an evaluation loop; made by progress(), see its docstring."""
+
+  def __init__(self, iterable: Iterable[Any] | None, *, total: int | None,
+               unit: str, desc: str, unit_scale: bool, enabled: bool,
+               stream: TextIO | None, clock: Callable[[], float]):
+    self.iterable = iterable
+    self.total = total
+    self.unit = unit
+    self.desc = desc
+    self.unit_scale = unit_scale
+    self.enabled = enabled
+    self.stream = stream if stream is not None else sys.stderr
+    self.n = 0
+    self._clock = clock
+    self._start = clock()
+    self._bar: tqdm.tqdm | None = None
+    self._closed = False
+    self._every = _plain_every(total)
+    self._last_plain = 0
+    if enabled and _is_tty(self.stream):
+      # leave=None: kept on screen when it is the only bar, erased when nested
+      # under e.g. the training ProgressBar.
+      self._bar = tqdm.tqdm(total=total, unit=unit, unit_scale=unit_scale,
+                            desc=desc or None, file=self.stream, leave=None,
+                            dynamic_ncols=True, mininterval=0.2)
+
+  def update(self, n: float = 1) -> None:
+    """Adds `n` done items (bytes for unit="B")."""
+    if not self.enabled or self._closed:
+      return
+    self.n += n
+    if self._bar is not None:
+      self._bar.update(n)
+    elif (self._every and self.n - self._last_plain >= self._every
+          and (self.total is None or self.n < self.total)):  # the end has its own line
+      self._last_plain = self.n
+      self._print_plain(final=False)
+
+  def __iter__(self) -> Iterator[Any]:
+    if self.iterable is None:
+      raise TypeError("progress() was given no iterable to iterate over.")
+    try:
+      for item in self.iterable:
+        yield item
+        self.update(1)
+    finally:
+      self.close()
+
+  def write(self, msg: str) -> None:
+    """Prints a message on its own line without corrupting the bar."""
+    if not self.enabled:
+      return
+    if self._bar is not None:
+      tqdm.tqdm.write(msg, file=self.stream)
+    else:
+      self.stream.write(msg + "\n")
+    self.stream.flush()
+
+  def _amount(self, n: float) -> str:
+    if self.unit_scale:
+      return tqdm.tqdm.format_sizeof(n, self.unit)
+    return str(int(n)) if float(n).is_integer() else f"{n:.1f}"
+
+  def _print_plain(self, *, final: bool) -> None:
+    elapsed = max(self._clock() - self._start, 0.0)
+    rate = self.n / elapsed if elapsed > 0 else None
+    if self.total:
+      done = f"{self._amount(self.n)}/{self._amount(self.total)}"
+      done += "" if self.unit_scale else f" {self.unit}"
+      done += f" ({100.0 * self.n / self.total:.0f}%)"
+    else:
+      done = self._amount(self.n) + ("" if self.unit_scale else f" {self.unit}")
+    parts = [f"{self.desc}: {done}" if self.desc else done]
+    if rate is None:
+      parts.append(f"? {self.unit}/s")
+    elif self.unit_scale:
+      parts.append(tqdm.tqdm.format_sizeof(rate, self.unit) + "/s")
+    else:
+      parts.append(f"{_format_si(rate) if rate >= 1e3 else f'{rate:.3g}'} {self.unit}/s")
+    if final:
+      parts.append(f"done in {_format_duration(elapsed)}")
+    elif self.total and rate:
+      parts.append(f"eta {_format_duration(max(self.total - self.n, 0) / rate)}")
+    else:
+      parts.append("eta ?")
+    self.stream.write(" | ".join(parts) + "\n")
+    self.stream.flush()
+
+  def close(self) -> None:
+    """Ends the bar; off a terminal prints the final line. Idempotent."""
+    if not self.enabled or self._closed:
+      return
+    self._closed = True
+    if self._bar is not None:
+      self._bar.close()
+      self._bar = None
+    else:
+      self._print_plain(final=True)
+
+  def __enter__(self) -> Progress:
+    return self
+
+  def __exit__(self, exc_type: type[BaseException] | None,
+               exc: BaseException | None, tb: TracebackType | None) -> None:
+    self.close()
+
+
+def progress(iterable: Iterable[Any] | None = None, *, total: int | None = None,
+             unit: str = "it", desc: str = "", unit_scale: bool | None = None,
+             enabled: bool = True, stream: TextIO | None = None,
+             clock: Callable[[], float] = time.monotonic) -> Progress:
+  """Progress for an evaluation loop: an update(n) counter or iterator wrapper.
+
+  On a terminal a tqdm bar with items/s (or kB/s, MB/s for unit="B") and ETA;
+  off a terminal a plain line "desc: done/total (pct%) | rate | eta h:mm:ss"
+  every ~5% of `total`, plus one "... | done in h:mm:ss" line at close().
+  Iterating it counts one item per element and closes it at the end.
+
+  Args:
+    iterable: optional iterable to wrap; total defaults to its len() if it has one.
+    total: expected number of items (bytes for unit="B"); None when unknown
+      (then no percent, ETA or periodic plain lines).
+    unit: what is counted, e.g. "batch", "seq", "B".
+    desc: label at the start of the line, e.g. "bpb valid".
+    unit_scale: SI-scale the counts and rate (1.2MB); defaults to unit == "B".
+    enabled: False on non-zero JAX processes: no output at all (an iterable
+      is still iterated).
+    stream: text stream; defaults to sys.stderr.
+    clock: monotonic time source for the plain lines (tests inject one).
+  """
+  if total is None and iterable is not None and hasattr(iterable, "__len__"):
+    total = len(iterable)
+  if unit_scale is None:
+    unit_scale = unit == "B"
+  return Progress(iterable, total=total, unit=unit, desc=desc,
+                  unit_scale=unit_scale, enabled=enabled, stream=stream,
+                  clock=clock)
+
+
+# ----------------------------------------------------------------------------
+# Tables.
+# ----------------------------------------------------------------------------
 
 
 def _format_cell(value: Any) -> str:
