@@ -8,7 +8,7 @@
     python evaluate.py --workdir=runs/x --tasks=passkey,mqar --passkey.lengths=1,2,4 --mqar.num_pairs=8
 
 Overrides of the run's saved config use its key paths: --data.*, --eval.*, --generate.*, --passkey.*,
---mqar.*, --model.* (or the same with a --config. prefix).
+--mqar.*, --model.*, ... (or the same with a --config. prefix): every flag with a dot in its name.
 """
 
 import json
@@ -19,9 +19,6 @@ from absl import flags
 
 from training import cli
 from training.errors import CheckpointError, ConfigError
-
-_OVERRIDE_SECTIONS = ("config.", "data.", "eval.", "generate.", "passkey.", "mqar.", "model.", "train.",
-                      "mesh.")
 
 
 def _define_flags(fv: flags.FlagValues) -> None:
@@ -35,9 +32,12 @@ def _define_flags(fv: flags.FlagValues) -> None:
 
 
 def _split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+  """evaluate.py's own flags vs config overrides: a dotted flag name (`--data.paths=...`) is a config key,
+  whatever its section; an unknown section is then an unknown-key error listing the valid ones."""
   ours, overrides = [], []
   for arg in argv[1:]:
-    (overrides if arg.startswith(tuple("--" + s for s in _OVERRIDE_SECTIONS)) else ours).append(arg)
+    is_override = arg.startswith("-") and "." in arg.lstrip("-").split("=", 1)[0]
+    (overrides if is_override else ours).append(arg)
   return [argv[0], *ours], overrides
 
 

@@ -2,12 +2,14 @@
 
     --config=configs/<name>.py        a Python file whose get_config() returns a ConfigDict
     --config.a.b=value                override one key; an unknown key is an error, not a new key
+    --config.data.paths=a.txt,b.txt   a tuple (or list) key takes comma-separated items, or `(1, 2)` syntax
 
-Every failure becomes a `ConfigError` with one sentence naming the flag, key or file.
+config_flags loads the file (DEFINE_config_file) and parses the overrides (DEFINE_config_dict), for train.py
+and for evaluate.py's overrides of a run's saved config alike. Every failure becomes a `ConfigError` with
+one sentence naming the flag, key or file.
 """
 
 import ast
-import importlib.util
 import os
 import sys
 from typing import Callable, Sequence
@@ -15,6 +17,7 @@ from typing import Callable, Sequence
 from absl import flags
 import ml_collections
 from ml_collections import config_flags
+from ml_collections.config_flags import tuple_parser
 
 from training.errors import ConfigError, RunError
 
@@ -22,114 +25,133 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "base.py")
 
 
-def _config_path(argv: Sequence[str]) -> str:
-  path = DEFAULT_CONFIG
-  for i, arg in enumerate(argv):
-    if arg.startswith("--config="):
-      path = arg.split("=", 1)[1]
-    elif arg == "--config" and i + 1 < len(argv):
-      path = argv[i + 1]
-  return path.split(":", 1)[0]  # config_flags allows "file.py:arg"
+def _is_literal(text: str) -> bool:
+  try:
+    ast.literal_eval(text)
+    return True
+  except (ValueError, SyntaxError):
+    return False
 
 
-def _check_override_keys(config: ml_collections.ConfigDict, argv: Sequence[str]) -> None:
-  for arg in argv:
-    if not arg.startswith("--config."):
-      continue
-    key = arg[len("--config."):].split("=", 1)[0]
-    node, walked = config, []
-    for part in key.split("."):
-      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-        where = ".".join(walked) or "the top level"
-        options = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-        raise ConfigError(f"unknown config key '{key}' (no '{part}' under {where}; valid there: "
-                          f"{', '.join(options)}).")
-      node = node[part]
-      walked.append(part)
+class _CommaTupleParser(tuple_parser.TupleParser):
+  """config_flags' tuple parser, also for list fields (config.json gives lists), plus `a.txt,b.txt`."""
+
+  def parse(self, argument):
+    if isinstance(argument, list):
+      argument = tuple(argument)
+    # TupleParser reads `a.txt,b.txt` as the one string 'a.txt,b.txt' and `/a,/b` as an error: quote each
+    # comma-separated part that is not a Python literal (so `1,2,4` stays ints; `a.txt` is ('a.txt',)).
+    if isinstance(argument, str) and not argument.lstrip().startswith(("(", "[")):
+      parts = [p.strip() for p in argument.split(",") if p.strip()]
+      argument = "(" + "".join(f"{p if _is_literal(p) else repr(p)}," for p in parts) + ")"
+    return super().parse(argument)
+
+
+# config_flags has no parser for list fields (UnsupportedOperationError); the tuple one fits both.
+config_flags.register_flag_parser_for_type(tuple, _CommaTupleParser())
+config_flags.register_flag_parser_for_type(list, _CommaTupleParser())
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  return text.splitlines()[0] if text else type(e).__name__
+
+
+def _root_cause(e: BaseException) -> BaseException:
+  while e.__cause__ or e.__context__:  # config_flags re-raises a config file's errors wrapped
+    e = e.__cause__ or e.__context__
+  return e
 
 
 def _load_config_file(path: str) -> ml_collections.ConfigDict:
-  spec = importlib.util.spec_from_file_location("_config_under_check", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  """config_flags loads `path` ("file.py" or "file.py:arg"); any failure is one line naming the file."""
+  file = path.split(":", 1)[0]
+  scratch = flags.FlagValues()
+  try:
+    # sys_argv without --config: config_flags loads the default (`path`) right here, with no overrides.
+    config_flags.DEFINE_config_file("config", path, flag_values=scratch, lock_config=False,
+                                    sys_argv=["load"])
+    config = scratch["config"].value
+    if not isinstance(config, ml_collections.ConfigDict):
+      getattr(config, "keys", None)  # config_flags defers an unreadable file's IOError to first use
+      raise TypeError(f"get_config() returned {type(config).__name__}, not a ConfigDict")
+  except Exception as e:  # a missing or broken config file
+    if not os.path.exists(file):
+      raise ConfigError(f"config file '{file}' does not exist.") from None
+    root = _root_cause(e)
+    raise ConfigError(f"config file '{file}' failed to load: {type(root).__name__}: "
+                      f"{_first_line(root)}.") from None
+  return config
+
+
+def _unknown_key_error(config: ml_collections.ConfigDict, argv: Sequence[str]) -> ConfigError | None:
+  # Hand-written: config_flags' KeyError names only the missing part ("'stepz' Did you mean ..."), not
+  # the full key nor the valid keys at that level, so find the first override that does not resolve.
+  for arg in argv:
+    name = arg.lstrip("-").split("=", 1)[0]
+    if not name.startswith(("config.", "noconfig.")):
+      continue
+    key = name.split(".", 1)[1]
+    node, walked = config, []
+    for part in key.split("."):
+      if not isinstance(node, ml_collections.ConfigDict):
+        return ConfigError(f"unknown config key '{key}' ({'.'.join(walked)} is a {type(node).__name__}, "
+                           f"not a section).")
+      if part not in node:
+        where = ".".join(walked) or "the top level"
+        return ConfigError(f"unknown config key '{key}' (no '{part}' under {where}; valid there: "
+                           f"{', '.join(sorted(node.keys()))}).")
+      node, walked = node[part], walked + [part]
+  return None
+
+
+def _parse_overrides(config: ml_collections.ConfigDict, argv: Sequence[str],
+                     flag_values: flags.FlagValues) -> list[str]:
+  """Parses argv (its `--config.a.b=v` into `config`, in place) on flag_values; returns the positionals."""
+  try:
+    # sys_argv: config_flags reads the overrides from it (sys.argv by default, which is not `argv` when
+    # train.main/evaluate.main are called in-process). It defines one flag per override right here.
+    config_flags.DEFINE_config_dict("config", config, "Experiment config.", flag_values=flag_values,
+                                    lock_config=True, sys_argv=list(argv))
+    return flag_values(list(argv))
+  except (KeyError, AttributeError) as e:  # an override names no key of the config
+    error = _unknown_key_error(config, argv)
+    raise error or ConfigError(f"invalid config override: {_first_line(e)}") from None
+  except (flags.Error, ValueError, TypeError) as e:  # a bad value, an unknown flag, a missing value
+    raise ConfigError(f"invalid command line: {_first_line(e)}") from None
 
 
 def parse(argv: Sequence[str], define_extra: Callable[[flags.FlagValues], None] | None = None
           ) -> tuple[ml_collections.ConfigDict, flags.FlagValues]:
   """Parses argv (argv[0] is the program) into (config, flag values) on a private FlagValues."""
-  argv = list(argv)
-  path = _config_path(argv[1:])
-  if not os.path.isfile(path):
-    raise ConfigError(f"config file '{path}' does not exist.")
+  scratch = flags.FlagValues()  # absl reads --config (any spelling); everything else is left in `argv`
+  flags.DEFINE_string("config", DEFAULT_CONFIG, "Experiment config file.", flag_values=scratch)
   try:
-    base = _load_config_file(path)
-  except Exception as e:  # a broken config file
-    raise ConfigError(f"config file '{path}' failed to load: {type(e).__name__}: {e}.") from None
-  _check_override_keys(base, argv[1:])
+    argv = scratch(list(argv), known_only=True)
+  except flags.Error as e:
+    raise ConfigError(f"invalid command line: {_first_line(e)}") from None
+  config = _load_config_file(scratch["config"].value)
   flag_values = flags.FlagValues()
-  try:
-    # sys_argv: config_flags reads the overrides from it lazily, at parse time (sys.argv by default,
-    # which is not `argv` when train.main/evaluate.main are called in-process).
-    config_flags.DEFINE_config_file("config", path, "Experiment config file.", flag_values=flag_values,
-                                    lock_config=True, sys_argv=argv)
-  except Exception as e:
-    message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise ConfigError(f"invalid config override: {message}") from None
   if define_extra:
     define_extra(flag_values)
-  try:
-    rest = flag_values(argv)
-  except (flags.Error, ValueError, TypeError, KeyError, AttributeError, OSError) as e:
-    message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise ConfigError(f"invalid command line: {message}") from None
+  rest = _parse_overrides(config, argv, flag_values)
   if len(rest) > 1:
     raise ConfigError(f"unexpected positional arguments: {' '.join(rest[1:])}.")
-  return flag_values["config"].value, flag_values
-
-
-def _convert(text: str, current: object, key: str) -> object:
-  """Parses an override to the type of the value it replaces."""
-  if isinstance(current, str):
-    return text
-  if isinstance(current, (tuple, list)) and not text.lstrip().startswith(("(", "[")):
-    return tuple(p for p in text.split(",") if p)  # --data.paths=a.txt,b.txt
-  try:
-    value = ast.literal_eval(text) if not isinstance(current, bool) else {"true": True, "false": False}[
-        text.strip().lower()]
-  except (ValueError, SyntaxError, KeyError):
-    raise ConfigError(f"cannot parse --{key}={text} as {type(current).__name__}.") from None
-  if isinstance(current, float) and isinstance(value, int):
-    value = float(value)
-  if current is not None and not isinstance(value, type(current)) and not (
-      isinstance(current, (tuple, list)) and isinstance(value, (tuple, list))):
-    raise ConfigError(f"--{key}={text} must be a {type(current).__name__}.")
-  return tuple(value) if isinstance(value, list) else value
+  return config, flag_values
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
   """Applies ["--data.source=files", "--config.eval.split=test", ...] to a loaded config, in place."""
+  argv = ["overrides"]
   for arg in overrides:
-    if "=" not in arg:
+    if "=" not in arg:  # as a list item, `--key value` would take the next override as its value
       raise ConfigError(f"override {arg} needs a value (--key=value).")
-    key, text = arg.lstrip("-").split("=", 1)
-    key = key[len("config."):] if key.startswith("config.") else key
-    _check_override_keys(config, [f"--config.{key}"])
-    *parents, leaf = key.split(".")
-    node = config
-    for part in parents:
-      node = node[part]
-    value = _convert(text, node[leaf], key)
-    with node.unlocked() if hasattr(node, "unlocked") else _nullcontext():
-      node[leaf] = value
-
-
-class _nullcontext:
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    return False
+    name = arg.lstrip("-")
+    argv.append("--" + (name if name.startswith("config.") else f"config.{name}"))
+  was_locked = config.is_locked
+  _parse_overrides(config, argv, flags.FlagValues())
+  if not was_locked:
+    config.unlock()  # config_flags locked it; the caller still owns an unlocked config
 
 
 def run_main(body: Callable[[], None]) -> int:
