@@ -57,7 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.grad_clip = 1.0  # global-norm clip; 0 disables
 
   config.model = ml_collections.ConfigDict()
-  config.model.name = "transformer"  # models.get_model registry key
+  config.model.name = "transformer"  # model family (models/family.py): transformer | landmark_lm
   # Token mixer: a name, or a list with one name per layer (e.g. Cog keeps softmax in the first/last layer).
   # Typed `object` so configs and --config.model.mixer overrides may replace the name by a list.
   config.model.mixer = ml_collections.FieldReference("softmax", field_type=object)

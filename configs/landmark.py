@@ -3,7 +3,7 @@
     python train.py --config=configs/landmark.py --workdir=runs/landmark
     python train.py --config=configs/landmark.py --workdir=/tmp/landmark_run --config.train.steps=30  # smoke
 
-Landmarks are inserted inside the model (models/landmark.py): one landmark id (259) after every
+Landmarks are inserted inside the model (model.name "landmark_lm", models/landmark.py): one landmark id (259) after every
 block_size - 1 = 50 bytes of each document (spec §2.1, paper ℓ_block = 50); their hidden states are
 dropped before the LM head, so the loss and bits-per-byte count bytes only, as for every other mixer
 (equal to the lm_benchmark loss on the expanded stream, spec §2.3). Training always uses the exact
@@ -21,25 +21,16 @@ top-k block retrieval from the cache (spec §2.4, §2.7), k recorded explicitly 
 
 import ml_collections
 
+import models
 from configs import base
 
 
 def get_config() -> ml_collections.ConfigDict:
   config = base.get_config()
+  config.model.name = "landmark_lm"  # the Transformer with landmark insertion (models/landmark.py)
   config.model.mixer = "landmark"
-  config.model.landmark = ml_collections.ConfigDict({
-      "block_size": 51,  # 50 regular tokens + 1 landmark (spec §2.1)
-      "insert": True,  # False: the inputs already hold landmarks (lm_benchmark data path)
-      "inference": "full",  # full (exact) | topk (retrieval, spec §2.4); decode only
-      "top_k": 4,  # paper Fig. 3 caption (llama/run_test.py: 5)
-      "local_blocks": 1,  # complete blocks before the current one always attended (topk)
-      "granularity": "per_token_and_head",  # | max_over_heads | max_over_tokens
-      "stingy": True,  # stingy RoPE positions for retrieved blocks (paper §3.2.1)
-      "chunk_len": 250,  # topk: queries per retrieval call (spec §2.4 ℓ_local = 250)
-      "impl": "",  # "" = model.attention_impl; "reference" | "xla" | "pallas"
-      # stream: landmarks every 50 bytes of the window (lm_benchmark's continuous stream), documents
-      # isolated by segment ids, blockwise op; document: blocks restart per document (exact
-      # packed == alone) at the cost of the O(N^2) reference op in training.
-      "packed_blocks": "stream",
-  })
+  config.model.landmark = models.mixer_config("landmark")  # every option, with its default
+  # Window-aligned blocks (lm_benchmark's continuous stream) so training runs the blockwise op; the
+  # module default "document" restarts blocks per document (exact packed == alone, O(N^2) reference op).
+  config.model.landmark.packed_blocks = "stream"
   return config

@@ -13,20 +13,12 @@ pruning are off by default.
 
 import ml_collections
 
+import models
 from configs import base
 
 
 def get_config() -> ml_collections.ConfigDict:
   config = base.get_config()
   config.model.mixer = "selective"
-  config.model.selective = ml_collections.ConfigDict({
-      "selection_head": 0,  # query head whose pre-softmax logits give the selection matrix S
-      "memory_loss_weight": 0.0,  # epsilon of the memory loss; 0 = off (reproduction: 0.1)
-      "memory_tau": 1.0,  # tau of M_i = n_i - sum_j min(F_ij, tau) / tau
-      # Keys with accumulated F_ij above this are masked (evictable); None = off. Typed so that
-      # --config.model.selective.prune_threshold=20.0 can replace the None default.
-      "prune_threshold": ml_collections.FieldReference(None, field_type=float),
-      "block_q": 0,  # query block of the "xla" op; 0 = default (128)
-      "impl": "",  # "" = model.attention_impl; "reference" | "xla"
-  })
+  config.model.selective = models.mixer_config("selective")  # every option, with its default
   return config

@@ -14,20 +14,12 @@ makes the step-0 model exactly the softmax model; `position_param=sigmoid` is th
 
 import ml_collections
 
+import models
 from configs import base
 
 
 def get_config() -> ml_collections.ConfigDict:
   config = base.get_config()
   config.model.mixer = "ssa"
-  config.model.ssa = ml_collections.ConfigDict({
-      "combine": "add",  # add: tau_pos + tau_tok | mul: tau_pos * (1 + tau_tok)
-      "value_position": True,  # tau_pos also scales v
-      "token_temperature": True,  # False: position-only temperatures (official "PTS" code)
-      "value_temperature": True,  # False: v is not scaled
-      "position_param": "exp_exp",  # exp_exp: s = exp(-exp(beta)) | sigmoid: s = sigmoid(alpha)
-      # Typed so that --config.model.ssa.position_init=5.0 can replace the None default (2.0 / 0.0).
-      "position_init": ml_collections.FieldReference(None, field_type=float),
-      "token_init_scale": 0.0,  # stddev of the u init; 0 = zeros (tau_tok = 0 at init)
-  })
+  config.model.ssa = models.mixer_config("ssa")  # every option, with its default
   return config

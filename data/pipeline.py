@@ -143,12 +143,26 @@ def _check_mqar_seq_len(pairs: tuple[int, ...], seq_len: int) -> None:
                             f"(4 bytes per pair), got {seq_len}.")
 
 
+# Batch layouts a model family can ask for (models/family.py `batch_format`); "causal_lm" is the packed
+# windows of this module's docstring. A new layout (e.g. span corruption for encoder-decoders) is a new
+# name here with its builders.
+BATCH_FORMATS = ("causal_lm",)
+
+
+def check_batch_format(batch_format: str) -> None:
+  if batch_format not in BATCH_FORMATS:
+    raise corpora.DataError(f"no data pipeline builds {batch_format!r} batches; available: "
+                            f"{', '.join(BATCH_FORMATS)}.")
+
+
 def make_train_dataset(data_config: Any, *, seq_len: int, global_batch_size: int, seed: int,
-                       process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+                       process_index: int = 0, process_count: int = 1,
+                       batch_format: str = "causal_lm") -> grain.IterDataset:
   """Returns an infinite grain IterDataset of this process's train batches.
 
   Each element is a Batch of [global_batch_size // process_count, seq_len] arrays.
   """
+  check_batch_format(batch_format)
   if seq_len < 1 or global_batch_size < 1:
     raise corpora.DataError(f"seq_len ({seq_len}) and the global batch size "
                             f"({global_batch_size}) must be positive.")
@@ -183,12 +197,12 @@ def make_train_dataset(data_config: Any, *, seq_len: int, global_batch_size: int
 
 
 def make_train_iterator(data_config: Any, *, seq_len: int, global_batch_size: int, seed: int,
-                        process_index: int = 0,
-                        process_count: int = 1) -> grain.DatasetIterator:
+                        process_index: int = 0, process_count: int = 1,
+                        batch_format: str = "causal_lm") -> grain.DatasetIterator:
   """Returns a checkpointable iterator (get_state/set_state) over make_train_dataset."""
   return iter(make_train_dataset(
       data_config, seq_len=seq_len, global_batch_size=global_batch_size, seed=seed,
-      process_index=process_index, process_count=process_count))
+      process_index=process_index, process_count=process_count, batch_format=batch_format))
 
 
 def _eval_plan(data_config: Any, split: str, seq_len: int, batch_size: int,
@@ -220,7 +234,7 @@ def eval_window_indices(num_windows: int, batch_size: int, max_batches: int = 0)
 
 
 def eval_batches(data_config: Any, split: str, *, seq_len: int, batch_size: int,
-                 max_batches: int = 0) -> Iterator[Batch]:
+                 max_batches: int = 0, batch_format: str = "causal_lm") -> Iterator[Batch]:
   """Yields fixed eval batches of [batch_size, seq_len] arrays over one split.
 
   The eval stream is EOS_ID then corpora.load_stream(split); window i has inputs
@@ -231,6 +245,7 @@ def eval_batches(data_config: Any, split: str, *, seq_len: int, batch_size: int,
   that many windows evenly spread over the whole split (eval_window_indices), not the first
   ones. MQAR sources yield their first eval examples instead (module docstring).
   """
+  check_batch_format(batch_format)
   if seq_len < 1 or batch_size < 1:
     raise corpora.DataError(f"seq_len ({seq_len}) and the eval batch size ({batch_size}) "
                             "must be positive.")

@@ -1,12 +1,14 @@
-"""Landmark attention mixer (Mohtashami & Jaggi 2023; specs/attention_variants.md §2).
+"""Landmark attention (Mohtashami & Jaggi 2023; specs/attention_variants.md §2): mixer and model family.
 
 Pieces:
-  * `LandmarkInsertion`, the stream transform the LM (`models/transformer.py::stream_transform`) applies
-    when a layer's mixer is "landmark": landmark ids are inserted inside the model (as the paper's llama
-    flash path, `enable_landmark_insertion`) with `data.landmark.insert_landmarks`, the layer stack runs
-    on the expanded stream and the hidden states at landmarks are dropped before the LM head. Landmarks are
-    never predicted nor trained on, so the byte loss equals the lm_benchmark loss on the expanded stream
-    (spec §2.3; `data.landmark.lm_benchmark_targets`), and bpb / generate / passkey / mqar work unchanged.
+  * `LandmarkFamily` ("landmark_lm", configs/landmark.py): the Transformer LM with landmark insertion as
+    an explicit part of the model. `LandmarkInsertion` inserts landmark ids inside the model (as the
+    paper's llama flash path, `enable_landmark_insertion`) with `ops.landmark.insertion.insert_landmarks`,
+    the layer stack runs on the expanded stream and the hidden states at landmarks are dropped before the
+    LM head. Landmarks are never predicted nor trained on, so the byte loss equals the lm_benchmark loss on
+    the expanded stream (spec §2.3; `insertion.lm_benchmark_targets`), and bpb / generate / passkey / mqar
+    work unchanged. With model.name="transformer" the same mixers run on inputs that already hold the
+    landmarks (the lm_benchmark data path).
   * `LandmarkAttention` ("landmark"), projections / RoPE / GQA / qk-norm as models/attention.py's
     SelfAttention, calling `ops.landmark.landmark_attention` (grouped softmax, spec §2.2) with the
     expanded positions, and for decoding a KV cache read either exactly ("full") or by top-k block
@@ -24,23 +26,25 @@ Packed documents (`packed_blocks`):
   Without segment ids (decoding, unpacked text) the two are the same.
 """
 
+import dataclasses
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from data import landmark as landmark_data
 from models import layers
+from models import transformer
+from models.family import register_family
 from models.registry import mixer_options, register_mixer
+from ops.landmark import insertion as landmark_data
 from ops.landmark import landmark_attention
 from ops.landmark.retrieval import GRANULARITIES, retrieval_attention
 
-# Options under `config.model.landmark` (configs/landmark.py spells every one out). `inference` only
-# affects decode=True; training never uses the cache (spec §2.3).
+# Options under `config.model.landmark` (configs/landmark.py takes them with `mixer_config`). `inference`
+# only affects decode=True; training never uses the cache (spec §2.3).
 DEFAULTS: dict[str, Any] = {
     "block_size": landmark_data.DEFAULT_BLOCK_SIZE,  # 50 regular tokens + 1 landmark (spec §2.1)
-    "insert": True,  # insert landmarks in the model; False: the inputs already hold them (lm_benchmark)
     "inference": "full",  # full: exact grouped softmax over the whole cache | topk: retrieval (spec §2.4)
     "top_k": 4,  # retrieved blocks; paper Fig. 3 caption k=4 (llama/run_test.py uses 5, spec §2.8)
     "local_blocks": 1,  # complete blocks before the current one that are always attended (topk)
@@ -67,7 +71,6 @@ def landmark_options(config: Any) -> dict[str, Any]:
     return isinstance(value, int) and not isinstance(value, bool)
 
   check("block_size", is_int(options["block_size"]) and options["block_size"] >= 2, "an int >= 2")
-  check("insert", isinstance(options["insert"], bool), "a bool")
   check("inference", options["inference"] in _INFERENCE_MODES, f"one of {list(_INFERENCE_MODES)}")
   check("top_k", is_int(options["top_k"]) and options["top_k"] >= 1, "an int >= 1")
   check("local_blocks", is_int(options["local_blocks"]) and options["local_blocks"] >= 0, "an int >= 0")
@@ -79,8 +82,9 @@ def landmark_options(config: Any) -> dict[str, Any]:
   return options
 
 
+@dataclasses.dataclass(frozen=True)
 class LandmarkInsertion:
-  """Stream transform of the LM (see `models.transformer.stream_transform`): ids [B, T] -> [B, T, D].
+  """Stream transform of the LM (`TransformerLM.stream`): ids [B, T] -> [B, T, D].
 
   Parallel forward: `insert_landmarks` (landmark after every block_size - 1 regular tokens of each
   segment), the layer stack on the expanded stream, then the rows of the regular tokens.
@@ -95,9 +99,8 @@ class LandmarkInsertion:
   tokens, enough for any split of max_len tokens into calls.
   """
 
-  def __init__(self, block_size: int, packed_blocks: str = "document"):
-    self.block_size = block_size
-    self.packed_blocks = packed_blocks
+  block_size: int
+  packed_blocks: str = "document"
 
   def _stream_aligned(self, inputs: jax.Array, segment_ids: jax.Array | None):
     """"stream" mode: window-aligned blocks; (stream, expanded segment ids, per-document RoPE positions)."""
@@ -152,7 +155,7 @@ class LandmarkInsertion:
     return hidden
 
 
-@register_mixer("landmark")
+@register_mixer("landmark", defaults=DEFAULTS)
 class LandmarkAttention(nn.Module):
   """Causal landmark attention with RoPE (spec §2.2). x [B, N, D] (the expanded stream) -> [B, N, D].
 
@@ -172,22 +175,6 @@ class LandmarkAttention(nn.Module):
   config: Any
   layer_index: int = 0
   decode: bool = False
-
-  @classmethod
-  def test_config_overrides(cls) -> dict[str, Any]:
-    # T = 23 in the shared suite: block size 5 gives 5 landmarks; exact inference for decode == forward.
-    return {"landmark.block_size": 5, "landmark.inference": "full"}
-
-  @classmethod
-  def stream_transform(cls, config: Any) -> LandmarkInsertion | None:
-    options = landmark_options(config)
-    if not options["insert"]:
-      return None
-    rows = layers.padded_vocab_size(config.vocab_size, config.vocab_pad_multiple)
-    if rows <= landmark_data.LANDMARK_ID:
-      raise ValueError(f"the landmark id {landmark_data.LANDMARK_ID} needs an embedding row, but the "
-                       f"table has {rows} rows (model.vocab_size / model.vocab_pad_multiple).")
-    return LandmarkInsertion(options["block_size"], options["packed_blocks"])
 
   @nn.compact
   def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None,
@@ -248,3 +235,23 @@ class LandmarkAttention(nn.Module):
     if split < t:
       out = jnp.concatenate([out, attend(q[:, split:], q_positions[:, split:])], axis=1)
     return out
+
+
+@register_family("landmark_lm")
+class LandmarkFamily(transformer.TransformerFamily):
+  """The Transformer LM with landmark insertion (spec §2.1) around its layer stack.
+
+  Every layer may use any mixer; the "landmark" layers see the landmarks as their block ends, the others
+  see them as ordinary tokens (the paper's model is all landmark layers, configs/landmark.py).
+  """
+
+  def __init__(self, config: Any):
+    super().__init__(config)
+    rows = layers.padded_vocab_size(self.config.vocab_size, self.config.vocab_pad_multiple)
+    if rows <= landmark_data.LANDMARK_ID:
+      raise ValueError(f"the landmark id {landmark_data.LANDMARK_ID} needs an embedding row, but the "
+                       f"table has {rows} rows (model.vocab_size / model.vocab_pad_multiple).")
+
+  def stream(self) -> LandmarkInsertion:
+    options = landmark_options(self.config)
+    return LandmarkInsertion(options["block_size"], options["packed_blocks"])

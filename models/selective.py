@@ -18,12 +18,14 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from models import layers
 from models.registry import mixer_options, register_mixer
 from ops import selective as selective_ops
 
-# Options under `config.model.selective` and their defaults (configs/selective.py spells every one out).
+# Options under `config.model.selective` and their defaults (configs/selective.py takes them with
+# `mixer_config("selective")`).
 DEFAULTS: dict[str, Any] = {
     "selection_head": 0,  # query head whose logits give S (spec §4B and x-transformers: head 0)
     # [VERIFY] memory loss of spec §4B (andrew-healey reproduction): L += w * sum_l max_i M_i^l /
@@ -33,7 +35,7 @@ DEFAULTS: dict[str, Any] = {
     "memory_tau": 1.0,
     # Context pruning: keys whose accumulated F_ij exceeds this are masked (evictable from the cache).
     # None = off. Applied in the forward too, so decoding with pruning still equals the forward.
-    "prune_threshold": None,
+    "prune_threshold": ml_collections.FieldReference(None, field_type=float),
     "block_q": 0,  # query block of the "xla" op; 0 = ops.selective default (128)
     "impl": "",  # "" = follow model.attention_impl; "reference" | "xla" | "pallas"
 }
@@ -57,7 +59,7 @@ def document_starts(positions: jax.Array, segment_ids: jax.Array | None) -> jax.
   return starts
 
 
-@register_mixer("selective")
+@register_mixer("selective", defaults=DEFAULTS)
 class SelectiveAttention(nn.Module):
   """Leviathan selective attention. x [B, T, D] -> [B, T, D].
 
@@ -75,10 +77,6 @@ class SelectiveAttention(nn.Module):
   config: Any
   layer_index: int = 0
   decode: bool = False
-
-  @classmethod
-  def test_config_overrides(cls) -> dict:
-    return {"selective.block_q": 8}  # several query blocks at T = 23 (the carried column sums matter)
 
   @nn.compact
   def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None,

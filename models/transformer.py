@@ -1,10 +1,15 @@
-"""Decoder-only byte-level language model shared by every token mixer.
+"""Decoder-only byte-level language model shared by every token mixer, and its model family.
 
     ids -> embed -> N x [x + mixer(norm(x)); x + mlp(norm(x))] -> norm -> tied logits
 
 The mixer of each layer comes from `config.model.mixer` (one name, or one name per layer) through
 `models.registry`. With identical layers and `scan_layers=True` the stack is an `nn.scan` (params and cache
 stacked on a leading "layers" axis); `remat` wraps each layer in activation checkpointing.
+
+`TransformerFamily` ("transformer") is the model family (models/family.py) of this LM: causal_lm batches,
+next-byte cross-entropy plus whatever the mixers sow into the "losses" collection, cached decoding. A
+family that changes the token stream the layers see (landmark insertion, models/landmark.py) subclasses it
+and returns a `stream` transform.
 """
 
 from typing import Any
@@ -13,8 +18,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from models import decoding
 from models import layers
-from models.registry import get_mixer, register_model
+from models.family import LOSSES_COLLECTION, ModelFamily, register_family
+from models.registry import get_mixer
+from ops import losses
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole layer in the backward pass
@@ -31,22 +39,6 @@ def layer_mixers(config: Any) -> tuple[str, ...]:
   if len(mixer) != config.num_layers:
     raise ValueError(f"model.mixer lists {len(mixer)} mixers but model.num_layers is {config.num_layers}.")
   return mixer
-
-
-def stream_transform(config: Any, mixers: tuple[str, ...]) -> Any:
-  """The stream transform of the first mixer class that has one, or None (the plain token stream).
-
-  A mixer class may define a classmethod `stream_transform(model_config)` returning None or a callable
-  `(lm_module, hidden_states, inputs, segment_ids, positions, *, decode) -> [B, T, D]` that maps the ids to
-  the stream the layers see, calls `hidden_states(ids, segment_ids, positions)` on it (possibly inside
-  `nn.cond`, passing `lm_module`) and maps the result back to one row per input token.
-  """
-  for name in dict.fromkeys(mixers):
-    hook = getattr(get_mixer(name), "stream_transform", None)
-    transform = hook(config) if hook is not None else None
-    if transform is not None:
-      return transform
-  return None
 
 
 class Block(nn.Module):
@@ -73,15 +65,21 @@ class Block(nn.Module):
     return (x, None) if self.scanned else x
 
 
-@register_model("transformer")
 class TransformerLM(nn.Module):
   """inputs [B, T] int ids -> logits [B, T, vocab_size] float32.
 
   `segment_ids` [B, T] (packed documents; 0 = padding) and `positions` [B, T] (within-segment positions)
-  are optional. `decode=True` runs incrementally against the `cache` collection (see `init_cache`).
+  are optional. `decode=True` runs incrementally against the `cache` collection
+  (`models.decoding.init_cache`).
+
+  `stream` (optional, hashable): a callable `(lm, hidden_states, inputs, segment_ids, positions, *,
+  decode) -> [B, T, D]` that maps the ids to the stream the layers see, calls `hidden_states(ids,
+  segment_ids, positions)` on it (possibly inside `nn.cond`, passing `lm`) and maps the result back to one
+  row per input token. None: the layers see the ids themselves.
   """
   config: Any
   decode: bool = False
+  stream: Any = None
 
   @nn.compact
   def __call__(self, inputs: jax.Array, segment_ids: jax.Array | None = None,
@@ -94,9 +92,6 @@ class TransformerLM(nn.Module):
 
     block = Block
     if cfg.remat != "none":
-      if cfg.remat not in _REMAT_POLICIES:
-        raise ValueError(f"unknown model.remat {cfg.remat!r}; expected none or one of "
-                         f"{sorted(_REMAT_POLICIES)}.")
       block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
 
     def hidden_states(ids, segment_ids, positions):
@@ -115,11 +110,10 @@ class TransformerLM(nn.Module):
             x, segment_ids, positions)
       return x
 
-    transform = stream_transform(cfg, mixers)
-    if transform is None:
+    if self.stream is None:
       x = hidden_states(inputs, segment_ids, positions)
     else:  # the stack runs on a transformed stream (e.g. inserted tokens), contracted back to [B, T, D]
-      x = transform(self, hidden_states, inputs, segment_ids, positions, decode=self.decode)
+      x = self.stream(self, hidden_states, inputs, segment_ids, positions, decode=self.decode)
 
     x = layers.RMSNorm(cfg.norm_eps, dtype, name="final_norm")(x)
     if cfg.tie_embeddings:
@@ -130,9 +124,66 @@ class TransformerLM(nn.Module):
     return logits[..., :cfg.vocab_size]  # drop the alignment padding rows
 
 
-def init_cache(model: nn.Module, batch_size: int, max_len: int) -> Any:
-  """Zero decode cache for `model` (which must have decode=True), for sequences up to max_len tokens."""
-  dummy = jnp.zeros((batch_size, max_len), jnp.int32)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy))["cache"]
-  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+def causal_lm_loss(logits: jax.Array, batch: dict[str, jax.Array], sown: Any, *, train: bool
+                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Next-byte objective of a causal_lm batch: (nll + aux * weight, metric sums) (see ModelFamily.loss).
+
+  aux is the sum of everything sown into "losses" (e.g. selective attention's memory loss); weighted by the
+  batch's target count, so after the caller divides by the summed weight the aux term is a mean.
+  """
+  nll, weight = losses.weighted_nll(logits, batch["targets"], batch["weights"])
+  metrics = {"weight": weight, "nll": nll}
+  objective = nll
+  sown_terms = jax.tree.leaves(sown)
+  if sown_terms:  # static: the tree's structure is known at trace time
+    aux = sum((jnp.sum(x.astype(jnp.float32)) for x in sown_terms), jnp.zeros((), jnp.float32))
+    metrics["aux_loss"] = aux * jax.lax.stop_gradient(weight)
+    objective = nll + metrics["aux_loss"]
+  if not train:
+    metrics["correct"] = losses.weighted_correct(logits, batch["targets"], batch["weights"])
+  return objective, metrics
+
+
+@register_family("transformer")
+class TransformerFamily(ModelFamily):
+  """The decoder-only byte LM over packed byte windows (data/pipeline.py "causal_lm" batches)."""
+
+  batch_format = "causal_lm"
+  eval_tasks = ("bpb", "generate", "passkey", "mqar")
+
+  def __init__(self, config: Any):
+    super().__init__(config)
+    for name in set(layer_mixers(self.config)):  # unknown mixer names fail here, before any work
+      get_mixer(name)
+    if self.config.remat != "none" and self.config.remat not in _REMAT_POLICIES:
+      raise ValueError(f"unknown model.remat {self.config.remat!r}; expected none or one of "
+                       f"{sorted(_REMAT_POLICIES)}.")
+
+  def stream(self) -> Any:
+    """The token-stream transform of `TransformerLM.stream` (None: the ids themselves)."""
+    return None
+
+  def module(self, *, decode: bool = False) -> nn.Module:
+    return TransformerLM(self.config, decode=decode, stream=self.stream())
+
+  def example_batch(self, batch_size: int, seq_len: int) -> dict[str, jax.Array]:
+    ids = jnp.zeros((batch_size, seq_len), jnp.int32)
+    return {"inputs": ids, "targets": ids, "segment_ids": ids + 1,
+            "positions": jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), ids.shape),
+            "weights": jnp.zeros(ids.shape, jnp.float32)}
+
+  def init(self, rng: jax.Array, batch: dict[str, jax.Array]) -> Any:
+    return self.module().init(rng, batch["inputs"])["params"]
+
+  def loss(self, params: Any, batch: dict[str, jax.Array], *, rng: jax.Array | None = None,
+           train: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+    del rng  # no dropout
+    logits, sown = self.module().apply({"params": params}, batch["inputs"], batch.get("segment_ids"),
+                                       batch.get("positions"), mutable=[LOSSES_COLLECTION])
+    return causal_lm_loss(logits, batch, sown, train=train)
+
+  def generate(self, params: Any, prompt: jax.Array, rng: jax.Array, *, max_new: int,
+               temperature: float = 0.0, top_k: int = 0) -> jax.Array:
+    return decoding.generate(self.module(decode=True), params, prompt, rng, max_new=max_new,
+                             temperature=float(temperature), top_k=int(top_k))
 

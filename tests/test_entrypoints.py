@@ -14,6 +14,8 @@ import ml_collections
 import pytest
 
 from configs import base
+from configs import tiny
+from data import pipeline
 from training import cli
 from training import evaluation
 
@@ -50,9 +52,26 @@ def _eval_bpb_logged(workdir, step):
   return [r["eval/bpb"] for r in _records(workdir) if r["step"] == step and "eval/bpb" in r][-1]
 
 
-def _result(workdir, name):
+def _entries(workdir, name):
+  """eval/<name>: {data key: result} (evaluate.py keeps one entry per scored data)."""
   with open(os.path.join(workdir, "eval", name)) as f:
-    return json.load(f)
+    record = json.load(f)
+  assert record["task"] == name.split("_step")[0] and f"_step{record['step']}.json" in name
+  return record["entries"]
+
+
+def _result(workdir, name, where=""):
+  """The one entry of eval/<name> whose data key contains `where`."""
+  matches = [r for key, r in _entries(workdir, name).items() if where in key]
+  assert len(matches) == 1, list(_entries(workdir, name))
+  return matches[0]
+
+
+def _valid_sample_bytes(max_batches=2):
+  """The bytes the tiny run's capped eval scores: windows spread over the valid split."""
+  config = tiny.get_config()
+  return len(pipeline.eval_scored_bytes(config.data, "valid", seq_len=config.train.seq_len,
+                                        batch_size=config.eval.batch_size, max_batches=max_batches))
 
 
 def test_train_writes_the_run_directory(workdir):
@@ -71,12 +90,32 @@ def test_train_writes_the_run_directory(workdir):
   evals = [r for r in records if "eval/bpb" in r]
   assert [r["step"] for r in evals] == [10, STEPS]  # periodic at eval_every=10, plus the final one
   assert all(0 < r["eval/bpb"] < 16 for r in evals)
-  assert all(r["eval/bytes"] == 2 * 4 * 32 for r in evals)  # eval.max_batches * eval.batch_size * seq_len
+  # eval.max_batches * eval.batch_size windows of seq_len spread over the split, EOS targets not counted
+  assert all(r["eval/bytes"] == _valid_sample_bytes() for r in evals)
+  assert all(0 < r["eval/gzip_bpb"] < 9 and 0 < r["eval/xz_bpb"] < 9 for r in evals)  # same bytes
 
   assert glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "20"]
   for step in ("10", "20"):
     assert {"state", "data", "config"} <= set(os.listdir(os.path.join(workdir, "checkpoints", step)))
+
+
+def test_rerun_of_a_finished_run_adds_no_metrics_and_says_what_it_runs(workdir, capsys):
+  records = _records(workdir)
+  events = sorted(glob.glob(os.path.join(workdir, "events.out.tfevents.*")))
+  train = _load_script("train")
+  assert train.main(["train.py", f"--config={REPO_ROOT}/configs/tiny.py", f"--workdir={workdir}"]) == 0
+  out = capsys.readouterr().out
+  start = out.splitlines()[0]  # printed before anything compiles
+  assert start.startswith(f"run {workdir}: transformer (") and start.endswith("compiling...")
+  for part in (" params, float32)", "cpu device(s) in 1 process(es), mesh data ", "data bundled: train "):
+    assert part in start, start
+  assert f"resumed from the checkpoint at step {STEPS}" in out
+  final = out.strip().splitlines()[-1]
+  assert final.startswith("final valid bits-per-byte: ") and "gzip -9" in final and "xz -9e" in final
+  assert f"{_valid_sample_bytes():,} bytes: even sample of 8 of the split's" in final
+  assert _records(workdir) == records  # the re-run's final eval is already logged: nothing appended
+  assert sorted(glob.glob(os.path.join(workdir, "events.out.tfevents.*"))) == events
 
 
 def test_evaluate_bpb_on_the_latest_checkpoint(workdir, evaluate, capsys):
@@ -85,39 +124,43 @@ def test_evaluate_bpb_on_the_latest_checkpoint(workdir, evaluate, capsys):
   out = capsys.readouterr().out
   path = os.path.join(workdir, "eval", f"bpb_step{STEPS}.json")
   assert f"== bpb (step {STEPS}) ==" in out and f"wrote {path}" in out
+  assert "scored: even sample of 8 of the split's" in out
   header = out.splitlines()[1].split()
-  assert header == ["split", "source", "bpb", "loss_nats", "bytes"]
-  result = _result(workdir, f"bpb_step{STEPS}.json")
+  assert header == ["split", "source", "bpb", "gzip_bpb", "xz_bpb", "loss_nats", "bytes"]
+  result = _result(workdir, f"bpb_step{STEPS}.json", "bundled:valid@2x4x32")
   assert result["task"] == "bpb" and result["step"] == STEPS
   metrics = result["metrics"]
   assert metrics["split"] == "valid" and metrics["source"] == "bundled"
-  assert metrics["bytes"] == 2 * 4 * 32
+  assert metrics["bytes"] == _valid_sample_bytes()
   assert metrics["bpb"] == pytest.approx(_eval_bpb_logged(workdir, STEPS), rel=1e-5)
 
 
 def test_evaluate_step_picks_that_checkpoint(workdir, evaluate, capsys):
   assert evaluate.main(["evaluate.py", f"--workdir={workdir}", "--step=10", "--eval.max_batches=2"]) == 0
   assert "== bpb (step 10) ==" in capsys.readouterr().out
-  result = _result(workdir, "bpb_step10.json")
+  result = _result(workdir, "bpb_step10.json", "bundled:valid@2x4x32")
   assert result["step"] == 10
   # The step-10 params, not the latest: matches the eval the run logged at step 10 (and not step 20's).
   assert result["metrics"]["bpb"] == pytest.approx(_eval_bpb_logged(workdir, 10), rel=1e-5)
   assert _eval_bpb_logged(workdir, 10) != pytest.approx(_eval_bpb_logged(workdir, STEPS), rel=1e-5)
 
 
-def test_evaluate_text_file_scores_every_byte_after_the_first(workdir, evaluate, tmp_path, capsys):
-  # eval_batches: the stream is the file's bytes then EOS; every id after the first is a target once and
-  # only real bytes count, so a file of n bytes scores n - 1 (here over several windows, the last padded).
+def test_evaluate_text_file_scores_every_byte_and_keeps_every_result(workdir, evaluate, tmp_path, capsys):
+  # eval_batches: the stream is EOS, the file's bytes, EOS; every byte is a target once (the first after
+  # the EOS context) and only real bytes count, so a file of n bytes scores n (over several windows here).
   text = ("def f(x):\n  return x + 1  # héllo, wörld\n" * 5).encode("utf-8")
   assert len(text) % 32 and len(text) > 4 * 32  # more than one eval batch (4 x 32); the last window padded
-  path = tmp_path / "notes.txt"
-  path.write_bytes(text)
-  assert evaluate.main(["evaluate.py", f"--workdir={workdir}", f"--text_file={path}"]) == 0
-  assert f"== bpb (step {STEPS}) ==" in capsys.readouterr().out
-  metrics = _result(workdir, f"bpb_step{STEPS}.json")["metrics"]
-  assert metrics["split"] == "all" and metrics["source"] == "files"
-  assert metrics["bytes"] == len(text) - 1
-  assert 0 < metrics["bpb"] < 16
+  other = b"The quick brown fox jumps over the lazy dog.\n" * 3
+  paths = [tmp_path / "notes.txt", tmp_path / "other.txt"]
+  for path, data in zip(paths, (text, other)):
+    path.write_bytes(data)
+    assert evaluate.main(["evaluate.py", f"--workdir={workdir}", f"--text_file={path}"]) == 0
+    assert f"== bpb (step {STEPS}) ==" in (out := capsys.readouterr().out) and "scored: whole split" in out
+  for path, data in zip(paths, (text, other)):  # the second evaluation did not replace the first
+    metrics = _result(workdir, f"bpb_step{STEPS}.json", f"files:{path}:all")["metrics"]
+    assert metrics["split"] == "all" and metrics["source"] == "files"
+    assert metrics["bytes"] == len(data)
+    assert 0 < metrics["bpb"] < 16 and metrics["xz_bpb"] > 0
 
 
 def test_evaluate_generate_writes_a_completion(workdir, evaluate, capsys):

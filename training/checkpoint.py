@@ -149,6 +149,14 @@ class Checkpointer:
       raise CheckpointError(f"the checkpoint at {where} is unreadable or does not match this model "
                             f"({type(e).__name__}: {reason}); it was left untouched.") from e
 
+  def reached_preemption(self, step: int) -> bool:
+    """Whether every host has reached the step at which a preempted multi-host run saves and stops.
+
+    orbax's check of JAX's preemption sync point (SIGTERM on any host is propagated to all); always False
+    in a single process, where the loop's own signal handler stops the run.
+    """
+    return bool(self._manager and self._manager.reached_preemption(step))
+
   def wait(self) -> None:
     if self._manager:
       self._manager.wait_until_finished()

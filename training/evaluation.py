@@ -1,21 +1,24 @@
-"""evaluate.py's library side: load a run's config, restore params only, run tasks, write JSON."""
+"""evaluate.py's library side: load a run's config, restore params only, run tasks, record the results.
+
+Results are data and are never overwritten by a different evaluation: eval/<task>_step<N>.json holds one
+entry per scored data ("entries", keyed by the task result's "data" string: the split or file, the sample,
+the task options), so valid, test and every --text_file evaluation of a step all stay side by side. Running
+the very same evaluation again replaces only its own entry.
+"""
 
 import json
 import os
 from typing import Any, Sequence
 
-import flax.linen as nn
 import jax
 import ml_collections
 
-import models
 from configs import base as base_config
 from training import checkpoint as ckpt_lib
 from training import cli
+from training import runtime
 from training import tasks as task_lib
-from training import train_step as ts
 from training.errors import CheckpointError, ConfigError
-from training.loop import mesh_context, resolve_config
 from training.metrics import format_table
 
 
@@ -44,16 +47,27 @@ def fill_eval_sections(config: ml_collections.ConfigDict) -> ml_collections.Conf
   return config
 
 
-def restore_params(config: ml_collections.ConfigDict, checkpointer: ckpt_lib.Checkpointer, step: int,
-                   mesh: Any) -> Any:
-  model = models.get_model(config.model)
-  tx, _ = ts.make_optimizer(config.optimizer, config.train.steps)
-  boxed = jax.eval_shape(lambda r: ts.init_train_state(model, tx, r, config.train.seq_len),
-                         jax.random.key(0))
-  shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed.params), mesh,
-                                          tuple(map(tuple, config.mesh.logical_axis_rules)))
-  abstract = ckpt_lib.abstract_like(ts.strip_boxes(boxed.params), shardings)
-  return checkpointer.restore_params(step, abstract)
+def restore_params(family: Any, config: ml_collections.ConfigDict, checkpointer: ckpt_lib.Checkpointer,
+                   step: int, mesh: Any) -> Any:
+  """The parameters of `step`, restored straight into their shardings (no optimizer state is read)."""
+  abstract, shardings = runtime.abstract_params(family, config, mesh)
+  return checkpointer.restore_params(step, ckpt_lib.abstract_like(abstract, shardings))
+
+
+def record_result(path: str, task: str, step: int, result: dict) -> None:
+  """Adds `result` to eval/<task>_step<N>.json under its "data" key, keeping every other entry."""
+  record = {"task": task, "step": step, "entries": {}}
+  if os.path.isfile(path):
+    with open(path) as f:
+      try:
+        record = json.load(f)
+      except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); move it away to record new results.") from None
+  record.setdefault("entries", {})[result["data"]] = result
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(record, f, indent=2, default=str)
+  os.replace(tmp, path)  # atomic: a crash never leaves half a file in place of the earlier results
 
 
 def evaluate(workdir: str, *, step: int | None = None, tasks: Sequence[str] = ("bpb",),
@@ -79,23 +93,29 @@ def evaluate(workdir: str, *, step: int | None = None, tasks: Sequence[str] = ("
   if options.get("text_file"):
     if not os.path.isfile(options["text_file"]):
       raise ConfigError(f"--text_file {options['text_file']} does not exist.")
-    config.data.source, config.data.paths = "files", (options["text_file"],)
+    config.data.source, config.data.paths = "files", (os.path.abspath(options["text_file"]),)
     options["split"] = options.get("split") or "all"
   config.train.progress_bar = False
-  config = resolve_config(config)
+  config = runtime.resolve_config(config)
+  family = runtime.family(config)
+  unsupported = [name for name in tasks if name not in family.eval_tasks]
+  if unsupported:
+    raise ConfigError(f"model.name={config.model.name!r} does not support the task(s) {unsupported}; "
+                      f"it supports {', '.join(family.eval_tasks)}.")
 
   results = {}
-  with mesh_context(config) as mesh:
-    params = restore_params(config, checkpointer, step, mesh)
-    ctx = task_lib.EvalContext(config=config, params=params, mesh=mesh, step=step, options=options)
+  is_main = jax.process_index() == 0
+  with runtime.mesh_context(config) as mesh:
+    params = restore_params(family, config, checkpointer, step, mesh)
+    ctx = task_lib.EvalContext(config=config, family=family, params=params, mesh=mesh, step=step,
+                               options=options, progress=is_main)
     out_dir = os.path.join(workdir, "eval")
     for name in tasks:
       result = {"task": name, "step": step, **task_lib.get_task(name)(ctx)}
       path = os.path.join(out_dir, f"{name}_step{step}.json")
-      if jax.process_index() == 0:
+      if is_main:
         os.makedirs(out_dir, exist_ok=True)
-        with open(path, "w") as f:
-          json.dump(result, f, indent=2, default=str)
+        record_result(path, name, step, result)
       results[name] = (result, path)
   checkpointer.close()
   return results
@@ -103,4 +123,5 @@ def evaluate(workdir: str, *, step: int | None = None, tasks: Sequence[str] = ("
 
 def format_result(name: str, result: dict) -> str:
   rows = result.get("rows") or [result.get("metrics", {})]
-  return f"== {name} (step {result['step']}) ==\n{format_table(rows)}"
+  text = f"== {name} (step {result['step']}) ==\n{format_table(rows)}"
+  return text + (f"\nscored: {result['sample']}" if "sample" in result else "")

@@ -1,6 +1,5 @@
-"""Train state, optimizer, loss, and the pure train / eval step functions (jitted by the loop)."""
+"""Train state, optimizer, and the pure train / eval step functions of any model family (jitted by the loop)."""
 
-import math
 from typing import Any, Callable
 
 import flax
@@ -8,6 +7,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+
+from models.family import ModelFamily
+from training import runtime
+from training import sharding
 
 
 @flax.struct.dataclass
@@ -49,18 +52,11 @@ def make_optimizer(opt_config: Any, total_steps: int) -> tuple[optax.GradientTra
   return optax.chain(*parts), schedule
 
 
-def init_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
+def init_train_state(family: ModelFamily, tx: optax.GradientTransformation, rng: jax.Array,
                      seq_len: int) -> TrainState:
   """Fresh state with logically-partitioned (boxed) params; unbox with `nn.unbox` after sharding."""
-  dummy = jnp.zeros((1, seq_len), jnp.int32)
-  params = model.init(rng, dummy)["params"]
+  params = family.init(rng, family.example_batch(1, seq_len))
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(nn.unbox(params)))
-
-
-def strip_boxes(tree: Any) -> Any:
-  """Removes logical-partitioning boxes without applying sharding constraints (safe on abstract trees)."""
-  return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.meta.AxisMetadata) else x,
-                      tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
 def state_partition_specs(abstract_state: TrainState, tx: optax.GradientTransformation) -> TrainState:
@@ -76,106 +72,66 @@ def state_partition_specs(abstract_state: TrainState, tx: optax.GradientTransfor
   return TrainState(step=jax.sharding.PartitionSpec(), params=param_specs, opt_state=opt_specs)
 
 
-def weighted_nll(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(sum of -log p(target) * weight, sum of weights), in float32. logits [B,T,V], targets/weights [B,T]."""
-  nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
-  weights = weights.astype(jnp.float32)
-  return jnp.sum(nll * weights), jnp.sum(weights)
+def state_shardings(family: ModelFamily, tx: optax.GradientTransformation, config: Any, mesh: Any
+                    ) -> tuple[TrainState, TrainState]:
+  """(abstract unboxed TrainState, its NamedShardings), without allocating anything."""
+  boxed = jax.eval_shape(lambda r: init_train_state(family, tx, r, config.train.seq_len), jax.random.key(0))
+  specs = state_partition_specs(boxed, tx)
+  shardings = nn.logical_to_mesh_sharding(specs, mesh, sharding.axis_rules(config.mesh))
+  return runtime.strip_boxes(boxed), shardings
 
 
-def _apply(model: nn.Module, params: Any, batch: dict[str, jax.Array]) -> jax.Array:
-  return model.apply({"params": params}, batch["inputs"], batch.get("segment_ids"), batch.get("positions"))
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, family: ModelFamily,
+               tx: optax.GradientTransformation, schedule: optax.Schedule, grad_accum: int = 1,
+               seed: int = 0) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step on a global batch; with grad_accum > 1 the batch is split into that many
+  micro-batches whose loss sums and gradients are added (the same weighted mean as without accumulation).
 
-
-# Flax collection where modules sow auxiliary loss terms (e.g. `self.sow("losses", "aux_loss", value)`);
-# the train step adds the sum of everything sown there to the objective.
-LOSSES_COLLECTION = "losses"
-
-
-def _model_args(batch: dict[str, jax.Array]) -> tuple[Any, Any, Any]:
-  return batch["inputs"], batch.get("segment_ids"), batch.get("positions")
-
-
-def sows_losses(model: nn.Module, params: Any, batch: dict[str, jax.Array]) -> bool:
-  """Whether `model` sows anything into the "losses" collection (decided abstractly, at trace time)."""
-  def sown(params, *args):
-    return model.apply({"params": params}, *args, mutable=[LOSSES_COLLECTION])[1]
-  return bool(jax.tree.leaves(jax.eval_shape(sown, params, *_model_args(batch))))
-
-
-def _apply_with_aux_loss(model: nn.Module, params: Any, batch: dict[str, jax.Array]
-                         ) -> tuple[jax.Array, jax.Array]:
-  """(logits, sum of every value sown into "losses" as a float32 scalar)."""
-  logits, sown = model.apply({"params": params}, *_model_args(batch), mutable=[LOSSES_COLLECTION])
-  aux = sum((jnp.sum(x.astype(jnp.float32)) for x in jax.tree.leaves(sown)), jnp.zeros((), jnp.float32))
-  return logits, aux
-
-
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
-               tx: optax.GradientTransformation, schedule: optax.Schedule, grad_accum: int = 1
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step on a global batch [B, T]; with grad_accum > 1 the batch is split into that many
-  micro-batches whose gradients are summed (the loss is the same weighted mean as without accumulation).
-
-  Auxiliary losses: when the model sows values into the "losses" collection (e.g. selective attention's
-  memory loss), their sum (per micro-batch) is added to the mean cross-entropy; "loss" is then the whole
-  objective and metrics also carry "aux_loss". Models that sow nothing run exactly as before.
+  The objective is the family's loss sum divided by the summed target weight; "loss" is that whole
+  objective (auxiliary terms included) and every other metric sum the family returns, except "weight" and
+  "nll", is reported as a mean the same way (e.g. "aux_loss"). `seed` and the step number give each step
+  (and micro-batch) its own rng for families that need one (dropout).
   """
-  sows = sows_losses(model, state.params, batch)
+  rng = jax.random.fold_in(jax.random.key(seed), state.step)
 
-  def sum_loss(params, micro_batch):
-    """(weighted objective sum, (weight sum, weighted aux-loss sum))."""
-    if not sows:
-      logits = _apply(model, params, micro_batch)
-      loss_sum, weight_sum = weighted_nll(logits, micro_batch["targets"], micro_batch["weights"])
-      return loss_sum, (weight_sum, jnp.zeros((), jnp.float32))
-    logits, aux = _apply_with_aux_loss(model, params, micro_batch)
-    loss_sum, weight_sum = weighted_nll(logits, micro_batch["targets"], micro_batch["weights"])
-    # Weighted by the micro-batch's target count, so after the division below the aux term is a mean.
-    aux_sum = aux * jax.lax.stop_gradient(weight_sum)
-    return loss_sum + aux_sum, (weight_sum, aux_sum)
+  def objective(params, micro_batch, micro_rng):
+    return family.loss(params, micro_batch, rng=micro_rng, train=True)
 
-  grad_fn = jax.value_and_grad(sum_loss, has_aux=True)
+  grad_fn = jax.value_and_grad(objective, has_aux=True)
   if grad_accum == 1:
-    (loss_sum, (weight_sum, aux_sum)), grad_sum = grad_fn(state.params, batch)
+    (total, sums), grad_sum = grad_fn(state.params, batch, rng)
   else:
     micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
 
-    def accumulate(carry, micro_batch):
-      (loss_i, (weight_i, aux_i)), grad_i = grad_fn(state.params, micro_batch)
-      loss_acc, weight_acc, aux_acc, grad_acc = carry
-      return (loss_acc + loss_i, weight_acc + weight_i, aux_acc + aux_i,
-              jax.tree.map(jnp.add, grad_acc, grad_i)), None
+    def accumulate(carry, xs):
+      micro_batch, index = xs
+      (total_i, sums_i), grad_i = grad_fn(state.params, micro_batch, jax.random.fold_in(rng, index))
+      return jax.tree.map(jnp.add, carry, (total_i, sums_i, grad_i)), None
 
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    scalar = jnp.zeros((), jnp.float32)
-    (loss_sum, weight_sum, aux_sum, grad_sum), _ = jax.lax.scan(
-        accumulate, (scalar, scalar, scalar, zeros), micro)
+    first = jax.tree.map(lambda x: x[0], micro)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                         jax.eval_shape(grad_fn, state.params, first, rng))
+    (total, sums, grad_sum), _ = jax.lax.scan(
+        accumulate, (zeros[0][0], zeros[0][1], zeros[1]), (micro, jnp.arange(grad_accum)))
 
-  denom = jnp.maximum(weight_sum, 1.0)
+  denom = jnp.maximum(sums["weight"], 1.0)
   grads = jax.tree.map(lambda g: g / denom, grad_sum)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": loss_sum / denom, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step),
-             "tokens": weight_sum}
-  if sows:
-    metrics["aux_loss"] = aux_sum / denom
+  metrics = {"loss": total / denom, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step),
+             "tokens": sums["weight"]}
+  metrics.update({k: v / denom for k, v in sums.items() if k not in ("weight", "nll")})
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params: Any, batch: dict[str, jax.Array], *, model: nn.Module) -> dict[str, jax.Array]:
-  """Summed natural-log loss and count over the batch's weighted targets (real bytes for bpb)."""
-  nll_sum, count = weighted_nll(_apply(model, params, batch), batch["targets"], batch["weights"])
-  return {"nll_sum": nll_sum, "count": count}
+def eval_step(params: Any, batch: dict[str, jax.Array], *, family: ModelFamily) -> dict[str, jax.Array]:
+  """The family's metric sums over one batch ("weight", "nll", "correct", ...), without an update."""
+  return family.loss(params, batch, train=False)[1]
 
 
-def bits_per_byte(nll_sum: float, count: float) -> float:
-  """bpb = sum(-ln p) / (N_bytes * ln 2)  (token_free.md section 0)."""
-  return nll_sum / max(count, 1.0) / math.log(2.0)
-
-
-def make_step_fns(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                  grad_accum: int) -> tuple[Callable, Callable]:
-  train = lambda s, b: train_step(s, b, model=model, tx=tx, schedule=schedule, grad_accum=grad_accum)
-  evaluate = lambda p, b: eval_step(p, b, model=model)
+def make_step_fns(family: ModelFamily, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                  grad_accum: int, seed: int = 0) -> tuple[Callable, Callable]:
+  train = lambda s, b: train_step(s, b, family=family, tx=tx, schedule=schedule, grad_accum=grad_accum,
+                                  seed=seed)
+  evaluate = lambda p, b: eval_step(p, b, family=family)
   return train, evaluate

@@ -1,7 +1,7 @@
 """Landmark token insertion and lm_benchmark targets (specs/attention_variants.md §2.1, §2.3, §2.8).
 
-The data side of Landmark attention (Mohtashami & Jaggi 2023). All functions are pure, jit-safe and have
-static output shapes, so the model can call them on traced ids (`models/landmark.py` inserts landmarks
+The token-stream side of Landmark attention (Mohtashami & Jaggi 2023). All functions are pure, jit-safe and
+have static output shapes, so the model calls them on traced ids (`models/landmark.py` inserts landmarks
 inside the model, like the paper's llama flash path `enable_landmark_insertion`).
 
 Insertion (§2.1): one landmark id after every `block_size - 1` regular tokens of each segment, so a block
@@ -19,9 +19,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from data import bytes as byte_ids
-
-LANDMARK_ID = byte_ids.VOCAB_SIZE  # 259: the first special id above the byte ids (DESIGN §6)
+PAD_ID = 0  # ByT5 byte ids (DESIGN §6): 0 pad, 1 eos, 2 unk, byte b -> b + 3
+LANDMARK_ID = 259  # the first special id above the 259 byte ids (DESIGN §6)
 DEFAULT_BLOCK_SIZE = 51  # 50 regular tokens + 1 landmark (paper ℓ_block = 50, lm_benchmark mem_freq = 50)
 
 
@@ -113,7 +112,7 @@ def insert_landmarks(ids: jax.Array, *, block_size: int = DEFAULT_BLOCK_SIZE,
     return out.at[rows, landmark_slots].set(landmarks, mode="drop")
 
   return LandmarkStream(
-      ids=scatter(ids, jnp.full_like(ids, landmark_id), byte_ids.PAD_ID),
+      ids=scatter(ids, jnp.full_like(ids, landmark_id), PAD_ID),
       segment_ids=scatter(segment_ids, segment_ids, 0),
       positions=scatter(token_positions, token_positions + 1, 0),
       token_slots=token_slots,
@@ -127,7 +126,7 @@ def contract(x: jax.Array, token_slots: jax.Array) -> jax.Array:
 
 
 def lm_benchmark_targets(ids: jax.Array, *, landmark_id: int = LANDMARK_ID,
-                         ignored_ids: tuple[int, ...] = (byte_ids.PAD_ID,)
+                         ignored_ids: tuple[int, ...] = (PAD_ID,)
                          ) -> tuple[jax.Array, jax.Array]:
   """Next-token targets and weights for an expanded stream, as lm_benchmark `optim/utils.py::get_batch`.
 
@@ -145,7 +144,7 @@ def lm_benchmark_targets(ids: jax.Array, *, landmark_id: int = LANDMARK_ID,
   """
   ids = jnp.asarray(ids, jnp.int32)
   n = ids.shape[1]
-  pad = jnp.full_like(ids[:, :2], byte_ids.PAD_ID)
+  pad = jnp.full_like(ids[:, :2], PAD_ID)
   ahead = jnp.concatenate([ids, pad], axis=1)
   next1, next2 = ahead[:, 1:n + 1], ahead[:, 2:n + 2]
   skip = next1 == landmark_id
@@ -156,4 +155,4 @@ def lm_benchmark_targets(ids: jax.Array, *, landmark_id: int = LANDMARK_ID,
   for ignored_id in ignored_ids:
     ignored |= (ids == ignored_id) | (targets == ignored_id)
   weights = (in_range & ~ignored).astype(jnp.float32)
-  return jnp.where(weights > 0, targets, byte_ids.PAD_ID), weights
+  return jnp.where(weights > 0, targets, PAD_ID), weights

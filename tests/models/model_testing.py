@@ -3,17 +3,9 @@
 XLA compiles dominate on CPU, so every apply is a module-level `jax.jit` with the (hashable) Flax module
 as a static argument: tests using the same model and shapes reuse one executable.
 
-Per-mixer test options. A mixer that needs small test-time settings (say a chunk or block size that fits
-T = 23) declares them next to its code, so adding a mixer never means editing tests:
-
-    @register_mixer("gla")
-    class GatedLinearAttention(nn.Module):
-      @classmethod
-      def test_config_overrides(cls) -> dict:
-        return {"gla.chunk_size": 8}          # dotted keys under config.model
-
-`MIXER_TEST_OVERRIDES` below is a fallback for options that cannot live on the class; the two are merged
-(the dict wins) on top of `TINY_MODEL`.
+Per-mixer test options: a mixer that needs small test-time settings (say a chunk or block size that fits
+T = 23) gets a row in `MIXER_TEST_OVERRIDES` (dotted keys under config.model), applied on top of
+`TINY_MODEL`; a mixer without a row runs with its defaults.
 """
 
 import functools
@@ -27,7 +19,7 @@ import numpy as np
 
 import models
 from configs import base
-from models import transformer
+from models import decoding
 from training import train_step as ts
 
 # The tiny model every model test starts from: configs/base.py defaults with small sizes.
@@ -47,18 +39,24 @@ SEQ_LEN = 23  # awkward on purpose: not a multiple of any block or chunk size
 FIRST_BYTE_ID = 3  # ids 0..2 are pad / eos / unk
 BYTE_ID_END = 259  # byte b is id b + 3
 
-# mixer name -> {dotted key under config.model: value}; prefer the mixer's `test_config_overrides`.
-MIXER_TEST_OVERRIDES: dict[str, dict[str, Any]] = {}
+# mixer name -> {dotted key under config.model: value} for the tiny model (T = 23).
+MIXER_TEST_OVERRIDES: dict[str, dict[str, Any]] = {
+    # Several chunks (and a partial one) exercise the inter-chunk state.
+    "gla": {"gla.chunk_size": 8},
+    # The LM with landmark insertion; block size 5 gives 5 landmarks; exact inference for decode == forward.
+    "landmark": {"name": "landmark_lm", "landmark.block_size": 5, "landmark.inference": "full"},
+    # Non-trivial temperatures (s ~ 0.55, tau_tok ~ +-0.5), so decode == forward checks the absolute
+    # positions and the cached scaled values.
+    "ssa": {"ssa.position_init": -0.5, "ssa.token_init_scale": 0.5},
+    # Several query blocks at T = 23 (the carried column sums matter).
+    "selective": {"selective.block_q": 8},
+}
 
 
 def mixer_test_overrides(mixer: str) -> dict[str, Any]:
-  """Test-time config.model overrides of one mixer: its class hook, then MIXER_TEST_OVERRIDES."""
-  overrides = {}
-  hook = getattr(models.get_mixer(mixer), "test_config_overrides", None)
-  if hook is not None:
-    overrides.update(hook())
-  overrides.update(MIXER_TEST_OVERRIDES.get(mixer, {}))
-  return overrides
+  """Test-time config.model overrides of one mixer (empty for a mixer without a row)."""
+  models.get_mixer(mixer)
+  return dict(MIXER_TEST_OVERRIDES.get(mixer, {}))
 
 
 def _set_dotted(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
@@ -136,7 +134,7 @@ def decode_in_pieces(decode_model: nn.Module, params: Any, inputs: np.ndarray, p
                      cache_len: int) -> jax.Array:
   """Feeds inputs [B, T] to the decode model in consecutive pieces; returns the logits [B, T, V]."""
   assert sum(piece_lengths) == inputs.shape[1], (piece_lengths, inputs.shape)
-  cache = transformer.init_cache(decode_model, inputs.shape[0], cache_len)
+  cache = decoding.init_cache(decode_model, inputs.shape[0], cache_len)
   outputs, start = [], 0
   for length in piece_lengths:
     logits, cache = decode_call(decode_model, params, cache, inputs[:, start:start + length])
@@ -178,9 +176,10 @@ def optimizer_config() -> ml_collections.ConfigDict:
 
 @functools.lru_cache(maxsize=None)
 def train_functions(model: nn.Module, total_steps: int) -> tuple[Any, Any]:
-  """(optax transform, jitted train step) for `model`, cached so tests share one compile."""
+  """(optax transform, jitted train step) for `model`'s family, cached so tests share one compile."""
   tx, schedule = ts.make_optimizer(optimizer_config(), total_steps)
-  step = jax.jit(functools.partial(ts.train_step, model=model, tx=tx, schedule=schedule))
+  step = jax.jit(functools.partial(ts.train_step, family=models.get_family(model.config), tx=tx,
+                                   schedule=schedule))
   return tx, step
 
 

@@ -11,15 +11,16 @@ import pytest
 
 import models
 from models import landmark as landmark_model
+from models import registry
 from tests.models import model_testing as mt
 
 B, T = 2, 23
 DECODE_ATOL = 1e-5
 
 
-def _config(num_layers=2, **landmark_options):
-  overrides = {f"landmark.{name}": value for name, value in landmark_options.items()}
-  return mt.tiny_model_config("landmark", num_layers=num_layers, **overrides)
+def _config(num_layers=2, name="landmark_lm", **landmark_options):
+  overrides = {f"landmark.{key}": value for key, value in landmark_options.items()}
+  return mt.tiny_model_config("landmark", num_layers=num_layers, name=name, **overrides)
 
 
 @pytest.mark.parametrize("options, message", [
@@ -42,15 +43,23 @@ def test_bad_options_raise(options, message):
 def test_landmark_id_needs_an_embedding_row():
   config = mt.tiny_model_config("landmark", vocab_pad_multiple=1)
   with pytest.raises(ValueError, match="needs an embedding row"):
-    landmark_model.LandmarkAttention.stream_transform(config)
+    models.get_family(config)
 
 
-def test_defaults_and_stream_transform():
+def test_defaults_and_the_family_stream():
   options = landmark_model.landmark_options(mt.tiny_model_config("softmax"))
-  assert options == landmark_model.DEFAULTS
+  assert options == registry.plain_defaults(landmark_model.DEFAULTS)
   assert options["block_size"] == 51 and options["top_k"] == 4 and options["inference"] == "full"
-  assert landmark_model.LandmarkAttention.stream_transform(_config(insert=False)) is None
-  assert landmark_model.LandmarkAttention.stream_transform(_config()).block_size == 5  # test override
+  # Only the landmark_lm family inserts landmarks; the plain transformer runs the mixers on its inputs.
+  assert models.get_family(_config(name="transformer")).module().stream is None
+  stream = models.get_family(_config()).module().stream
+  assert (stream.block_size, stream.packed_blocks) == (5, "document")  # test override, module default
+
+
+def test_config_file_takes_the_registered_defaults():
+  from configs import landmark as landmark_config
+  section = landmark_config.get_config().model.landmark.to_dict()
+  assert section == {**registry.plain_defaults(landmark_model.DEFAULTS), "packed_blocks": "stream"}
 
 
 def test_reference_path_matches_slot_aligned_path():

@@ -2,7 +2,7 @@
 
 Adding a mixer means adding files (op, model file registered in `models/__init__.py`, config); the mixer
 is picked up here automatically through the `mixer` parameter (tests/models/conftest.py). Mixer-specific
-test options come from the mixer's optional `test_config_overrides` classmethod (see model_testing.py).
+test options (a chunk or block size that fits T = 23) are a row of `model_testing.MIXER_TEST_OVERRIDES`.
 
 Each mixer is checked inside a tiny 2-layer Transformer (d_model 32, 4 heads, T = 23, batch 2), in f32:
 output shapes and finiteness, causality (exactly, in the model and through the mixer's own Jacobian),
@@ -22,7 +22,6 @@ from configs import base
 from data import pipeline
 from tests.models import model_testing as mt
 from training import checkpoint as ckpt_lib
-from training.tasks import generate as generate_lib
 
 B, T = mt.BATCH, mt.SEQ_LEN
 DECODE_ATOL = 1e-5  # f32 logits (of order 1): incremental decoding vs the parallel forward
@@ -147,8 +146,8 @@ def test_greedy_generate_matches_full_forwards(setup, trained):
   params = trained[0].params
   prompt_len, max_new = 6, 12
   prompt = setup.inputs[:, :prompt_len]
-  generated = np.asarray(generate_lib.generate(setup.decode_model, params, jnp.asarray(prompt),
-                                               jax.random.key(0), max_new=max_new))
+  generated = np.asarray(models.get_family(setup.config).generate(params, jnp.asarray(prompt),
+                                                                  jax.random.key(0), max_new=max_new))
   assert generated.shape == (B, max_new)
 
   # Full forwards over a fixed-length buffer (positions after the current one cannot matter).

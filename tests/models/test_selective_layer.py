@@ -21,6 +21,7 @@ import pytest
 import models
 from configs import selective as selective_config
 from models import layers
+from models import registry
 from models import selective as selective_model
 from ops.selective import selective_attention
 from tests.models import model_testing as mt
@@ -150,11 +151,14 @@ def test_train_step_adds_the_sown_memory_loss():
                                                 batch)
   _, sown = model.apply({"params": params}, batch["inputs"], mutable=["losses"])
   aux = sum(float(v[0]) for layer in sown["losses"].values() for v in layer["mixer"].values())
-  ce = ts.eval_step(params, batch, model=model)
+  ce = ts.eval_step(params, batch, family=models.get_family(model.config))
   assert aux > 0 and float(metrics["aux_loss"]) == pytest.approx(aux, rel=1e-5)
-  assert float(metrics["loss"]) == pytest.approx(float(ce["nll_sum"] / ce["count"]) + aux, rel=1e-5)
-  # A model that sows nothing keeps the old metrics.
-  assert not ts.sows_losses(models.get_model(mt.tiny_model_config("selective")), params, batch)
+  assert float(metrics["loss"]) == pytest.approx(float(ce["nll"] / ce["weight"]) + aux, rel=1e-5)
+  # A model that sows nothing reports no aux_loss.
+  plain = models.get_model(mt.tiny_model_config("selective"))
+  _, plain_metrics = mt.train_functions(plain, 10)[1](mt.init_state(params, mt.train_functions(plain, 10)[0]),
+                                                      batch)
+  assert "aux_loss" not in plain_metrics
 
 
 def test_memory_loss_survives_scan_layers():
@@ -180,7 +184,8 @@ def test_memory_loss_with_gradient_accumulation():
   tx, _ = mt.train_functions(model, 10)
   schedule = ts.learning_rate_schedule(mt.optimizer_config(), 10)
   batch = mt.lm_batch(mt.random_ids(9, (4, mt.SEQ_LEN)))
-  results = [jax.jit(functools.partial(ts.train_step, model=model, tx=tx, schedule=schedule,
+  results = [jax.jit(functools.partial(ts.train_step, family=models.get_family(model.config), tx=tx,
+                                       schedule=schedule,
                                        grad_accum=n))(mt.init_state(params, tx), batch)[1]
              for n in (1, 2)]
   for key in ("loss", "aux_loss", "grad_norm"):
@@ -190,7 +195,8 @@ def test_memory_loss_with_gradient_accumulation():
 def test_configs_and_bad_options():
   config = selective_config.get_config()
   assert config.model.mixer == "selective"
-  assert selective_model.selective_options(models.freeze(config.model)) == selective_model.DEFAULTS
+  assert selective_model.selective_options(models.freeze(config.model)) == registry.plain_defaults(
+      selective_model.DEFAULTS)
   with pytest.raises(ValueError, match="unknown model.selective option"):
     _module(threshold=1.0).init(mt.key(0), _x())
   with pytest.raises(ValueError, match="memory_tau > 0"):

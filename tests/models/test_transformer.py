@@ -16,9 +16,10 @@ import pytest
 import models
 from configs import base
 from models import layers
+from models import decoding
 from models import transformer
 from tests.models import model_testing as mt
-from training import train_step as ts
+from ops import losses
 
 B, T = mt.BATCH, mt.SEQ_LEN
 ATOL = 1e-5
@@ -35,7 +36,7 @@ def _stack_layers(params, num_layers):
 @functools.partial(jax.jit, static_argnames="model")
 def _loss_and_grads(model, params, batch):
   def loss(params):
-    nll, count = ts.weighted_nll(model.apply({"params": params}, batch["inputs"]), batch["targets"],
+    nll, count = losses.weighted_nll(model.apply({"params": params}, batch["inputs"]), batch["targets"],
                                  batch["weights"])
     return nll / count
   return jax.value_and_grad(loss)(params)
@@ -77,7 +78,7 @@ def test_scan_layers_equals_unrolled_stack(unrolled):
 
   # Decoding with the stacked (per-layer) cache reproduces the forward.
   decode_model = models.get_model(scan_config, decode=True)
-  cache = transformer.init_cache(decode_model, B, T)
+  cache = decoding.init_cache(decode_model, B, T)
   assert cache["layers"]["mixer"]["index"].shape == (config.num_layers,)
   decoded = mt.decode_in_pieces(decode_model, scan_params, inputs, (T - 1, 1), cache_len=T)
   assert mt.max_abs_diff(decoded, expected) <= ATOL

@@ -1,4 +1,4 @@
-"""Tests for data/landmark.py: landmark insertion (spec §2.1, §2.8), lm_benchmark targets (spec §2.3)."""
+"""Tests for ops/landmark/insertion.py: landmark insertion (spec §2.1, §2.8), lm_benchmark targets (spec §2.3)."""
 
 import functools
 
@@ -9,9 +9,9 @@ import pytest
 
 import models
 from data import bytes as byte_ids
-from data import landmark
+from ops.landmark import insertion as landmark
 from tests.models import model_testing as mt
-from training import train_step as ts
+from ops import losses
 
 LM = landmark.LANDMARK_ID
 
@@ -155,22 +155,27 @@ def test_model_loss_equals_lm_benchmark_loss():
   weights on the externally expanded stream (landmark targets skipped, landmark inputs ignored)."""
   block_size, t = 5, 21
   config = mt.tiny_model_config("landmark", **{"landmark.block_size": block_size})
-  external = mt.tiny_model_config("landmark", **{"landmark.block_size": block_size,
-                                                 "landmark.insert": False})
+  external = mt.tiny_model_config("landmark", name="transformer", **{"landmark.block_size": block_size})
   model, lm_benchmark_model = models.get_model(config), models.get_model(external)
   params = mt.init_params(model)
   stream_bytes = mt.random_ids(5, (2, t + 1))
 
   logits = mt.forward(model, params, stream_bytes[:, :t])
-  nll, count = ts.weighted_nll(logits, stream_bytes[:, 1:], np.ones((2, t), np.float32))
+  nll, count = losses.weighted_nll(logits, stream_bytes[:, 1:], np.ones((2, t), np.float32))
 
   expanded = landmark.insert_landmarks(stream_bytes, block_size=block_size)
   targets, weights = landmark.lm_benchmark_targets(expanded.ids)
   assert float(weights.sum()) == 2 * t  # every regular input but the last has a target
   bench_logits = mt.forward(lm_benchmark_model, params, expanded.ids)
-  bench_nll, bench_count = ts.weighted_nll(bench_logits, targets, weights)
+  bench_nll, bench_count = losses.weighted_nll(bench_logits, targets, weights)
   assert float(count) == float(bench_count)
   np.testing.assert_allclose(float(bench_nll), float(nll), rtol=1e-5)
   # Position by position: the model's logits are the expanded stream's logits at the regular tokens.
   np.testing.assert_allclose(landmark.contract(bench_logits, expanded.token_slots)[:, :t], logits,
                              atol=1e-5, rtol=0)
+
+
+def test_ids_agree_with_the_byte_vocabulary():
+  """ops/ cannot import data/, so the ids it hard-codes must be the byte vocabulary's (DESIGN §6)."""
+  assert landmark.PAD_ID == byte_ids.PAD_ID
+  assert landmark.LANDMARK_ID == byte_ids.VOCAB_SIZE  # the first id above the byte ids

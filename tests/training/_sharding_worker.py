@@ -20,7 +20,7 @@ import numpy as np
 
 import models
 from configs import tiny
-from training import loop
+from training import runtime
 from training import sharding
 from training import train_step as ts
 
@@ -54,7 +54,7 @@ def _local_batch() -> dict[str, np.ndarray]:
 def _step(model, tx, schedule, config, mesh, local, grad_accum):
   """(state before, state after, metrics) of one jitted train step on `mesh`, as training.loop runs it."""
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.axis_rules(config.mesh)):
-    _, shardings = loop.state_shardings(model, tx, config, mesh)
+    _, shardings = ts.state_shardings(model, tx, config, mesh)
     init = jax.jit(lambda r: nn.unbox(ts.init_train_state(model, tx, r, SEQ_LEN)), out_shardings=shardings)
     state = init(jax.random.key(0))
     batch = sharding.global_batch(local, mesh)
@@ -72,12 +72,12 @@ def main(argv: list[str]) -> None:
   config.train.batch_size, config.train.seq_len = BATCH_SIZE, SEQ_LEN
   config.model.d_model, config.model.num_heads, config.model.mlp_dim = D_MODEL, NUM_HEADS, MLP_DIM
   config.optimizer.warmup_steps = 0  # the first step already moves the params
-  config = loop.resolve_config(config)
-  model = models.get_model(config.model)
+  config = runtime.resolve_config(config)
+  model = models.get_family(config.model)
   tx, schedule = ts.make_optimizer(config.optimizer, config.train.steps)
   local = _local_batch()
 
-  with loop.mesh_context(config) as mesh:
+  with runtime.mesh_context(config) as mesh:
     mesh_shape = dict(mesh.shape)
   state, new_state, metrics, batch = _step(model, tx, schedule, config, mesh, local, 1)
   _, accum_state, accum_metrics, _ = _step(model, tx, schedule, config, mesh, local, 2)

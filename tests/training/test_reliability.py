@@ -25,6 +25,7 @@ import pytest
 import models
 from training import checkpoint as ckpt_lib
 from training import loop
+from training import runtime
 from training import train_step as ts
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -95,13 +96,13 @@ def _error_line(stderr, *, only_line=True):
 def _restore_state(workdir, step):
   """The full TrainState of a checkpoint, on the host, restored through training.checkpoint."""
   with open(os.path.join(workdir, "config.json")) as f:
-    config = loop.resolve_config(ml_collections.ConfigDict(json.load(f)))
-  model = models.get_model(config.model)
+    config = runtime.resolve_config(ml_collections.ConfigDict(json.load(f)))
+  model = models.get_family(config.model)
   tx, _ = ts.make_optimizer(config.optimizer, config.train.steps)
   checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
   try:
-    with loop.mesh_context(config) as mesh:
-      abstract, shardings = loop.state_shardings(model, tx, config, mesh)
+    with runtime.mesh_context(config) as mesh:
+      abstract, shardings = ts.state_shardings(model, tx, config, mesh)
       state = checkpointer.restore(step, ckpt_lib.abstract_like(abstract, shardings), None)
       return jax.device_get(state)
   finally:

@@ -19,6 +19,7 @@ import pytest
 import models
 from configs import tiny
 from training import loop
+from training import runtime
 from training import sharding
 from training import train_step as ts
 from training.errors import ConfigError
@@ -240,7 +241,7 @@ def test_mesh_context_reports_a_bad_mesh_as_config_error():
   config = tiny.get_config()
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 7, 1
   with pytest.raises(ConfigError, match="mesh"):
-    with loop.mesh_context(config):
+    with runtime.mesh_context(config):
       pass
 
 
@@ -255,13 +256,13 @@ def test_every_matrix_has_a_sharded_logical_axis(scan_layers):
   """Each >= 2-D parameter (and its Adam moments) names a logical axis that the rules map to a mesh axis."""
   config = tiny.get_config()
   config.model.scan_layers = scan_layers
-  config = loop.resolve_config(config)
-  model = models.get_model(config.model)
+  config = runtime.resolve_config(config)
+  family = models.get_family(config.model)
   tx, _ = ts.make_optimizer(config.optimizer, config.train.steps)
-  boxed = jax.eval_shape(lambda r: ts.init_train_state(model, tx, r, config.train.seq_len), jax.random.key(0))
+  boxed = jax.eval_shape(lambda r: ts.init_train_state(family, tx, r, config.train.seq_len), jax.random.key(0))
   specs = ts.state_partition_specs(boxed, tx)
   rules = dict(sharding.axis_rules(config.mesh))
-  shapes = ts.strip_boxes(boxed.params)
+  shapes = runtime.strip_boxes(boxed.params)
   is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
   flat_specs = jax.tree_util.tree_flatten_with_path(specs.params, is_leaf=is_spec)[0]
   flat_shapes = jax.tree.leaves(shapes)

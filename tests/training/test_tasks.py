@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 
 import models
+from models import transformer
 from configs import base
 from data import bytes as byte_vocab
 from data import synthetic
 from tests.models import model_testing
 from training import tasks as task_lib
 from training.errors import ConfigError
-from training.loop import mesh_context, resolve_config
+from training.runtime import mesh_context, resolve_config
 from training.tasks import mqar as mqar_task_lib
 from training.tasks import passkey as passkey_task_lib
 
@@ -38,7 +39,8 @@ def _run_config(mixer: str) -> ml_collections.ConfigDict:
 
 def _run_task(name: str, config: ml_collections.ConfigDict, params) -> dict:
   with mesh_context(config) as mesh:
-    ctx = task_lib.EvalContext(config=config, params=params, mesh=mesh, step=0, options={})
+    ctx = task_lib.EvalContext(config=config, family=models.get_family(config.model), params=params,
+                               mesh=mesh, step=0, options={}, progress=False)
     return task_lib.get_task(name)(ctx)
 
 
@@ -76,8 +78,8 @@ def test_passkey_scoring_reads_the_first_integer(monkeypatch):
   config = _run_config("softmax")
   config.passkey.update(lengths=(2, 3), trials=5, max_new_bytes=8)
 
-  def oracle(model, params, prompt, rng, *, max_new):
-    del model, params, rng
+  def oracle(family, params, prompt, rng, *, max_new, **options):
+    del family, params, rng, options
     answers = []
     for row in np.asarray(prompt):
       key = passkey_task_lib.first_integer(byte_vocab.decode(row))
@@ -85,7 +87,7 @@ def test_passkey_scoring_reads_the_first_integer(monkeypatch):
       answers.append(np.pad(byte_vocab.encode(text), (0, max_new))[:max_new])
     return np.stack(answers)
 
-  monkeypatch.setattr(passkey_task_lib, "generate", oracle)
+  monkeypatch.setattr(transformer.TransformerFamily, "generate", oracle)
   result = _run_task("passkey", config, None)
   assert [(r["length_bytes"], r["length_x_train"], r["trials"]) for r in result["rows"]] == [
       (256, 2, 5), (384, 3, 5)]

@@ -13,7 +13,8 @@ import pytest
 
 import models
 from configs import tiny
-from training import loop
+from ops import losses
+from training import runtime
 from training import train_step as ts
 from training.errors import ConfigError
 
@@ -56,16 +57,16 @@ def _batch(seed: int = 0) -> dict[str, jax.Array]:
           "positions": jnp.asarray(positions[None].repeat(BATCH, 0).astype(np.int32))}
 
 
-def _model(config: ml_collections.ConfigDict) -> nn.Module:
-  return models.get_model(loop.resolve_config(config).model)
+def _model(config: ml_collections.ConfigDict) -> models.ModelFamily:
+  return models.get_family(runtime.resolve_config(config).model)
 
 
-def _state(model: nn.Module, tx: optax.GradientTransformation, seed: int = 0) -> ts.TrainState:
+def _state(model: models.ModelFamily, tx: optax.GradientTransformation, seed: int = 0) -> ts.TrainState:
   return nn.unbox(ts.init_train_state(model, tx, jax.random.key(seed), SEQ))
 
 
 def _step_fn(model, tx, schedule, grad_accum):
-  return jax.jit(functools.partial(ts.train_step, model=model, tx=tx, schedule=schedule,
+  return jax.jit(functools.partial(ts.train_step, family=model, tx=tx, schedule=schedule,
                                    grad_accum=grad_accum))
 
 
@@ -127,7 +128,7 @@ def test_grad_accum_must_divide_the_batch():
   config = _config()
   config.train.grad_accum = 3
   with pytest.raises(ConfigError, match="grad_accum"):
-    loop.resolve_config(config)
+    runtime.resolve_config(config)
 
 
 # ----------------------------------------------------------------------------
@@ -188,7 +189,7 @@ def test_reported_lr_is_the_lr_adamw_applies(tiny_model):
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_decay_mask_excludes_norms_and_embedding(scan_layers):
   model = _model(_config(num_layers=2, scan_layers=scan_layers, qk_norm=True))
-  params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, SEQ), jnp.int32))["params"])
+  params = nn.unbox(model.init(jax.random.key(0), model.example_batch(1, SEQ)))
   mask = ts._decay_mask(params)
   flat = jax.tree_util.tree_flatten_with_path(mask)[0]
   names = {jax.tree_util.keystr(path): bool(m) for path, m in flat}
@@ -235,18 +236,18 @@ def test_bits_per_byte_hand_computed():
   logits[0, 2] = [1e4, 0.0, 0.0, 0.0]
   targets = jnp.array([[0, 1, 3]])
   weights = jnp.array([[1.0, 1.0, 0.0]])
-  nll_sum, count = ts.weighted_nll(jnp.asarray(logits), targets, weights)
+  nll_sum, count = losses.weighted_nll(jnp.asarray(logits), targets, weights)
   assert float(count) == 2.0
   assert float(nll_sum) == pytest.approx(3 * math.log(2), rel=1e-6)  # -ln(1/2) - ln(1/4)
-  bpb = ts.bits_per_byte(float(nll_sum), float(count))
+  bpb = losses.bits_per_byte(float(nll_sum), float(count))
   assert bpb == pytest.approx((math.log(2) + math.log(4)) / (2 * math.log(2)), rel=1e-6)
   assert bpb == pytest.approx(1.5, rel=1e-6)
 
 
 def test_bits_per_byte_of_a_uniform_byte_model_is_8():
   n = 37
-  assert ts.bits_per_byte(n * math.log(256), n) == pytest.approx(8.0, rel=1e-12)
-  assert ts.bits_per_byte(0.0, 0.0) == 0.0  # no bytes: no division by zero
+  assert losses.bits_per_byte(n * math.log(256), n) == pytest.approx(8.0, rel=1e-12)
+  assert losses.bits_per_byte(0.0, 0.0) == 0.0  # no bytes: no division by zero
 
 
 def test_weighted_nll_ignores_zero_weight_positions():
@@ -254,7 +255,7 @@ def test_weighted_nll_ignores_zero_weight_positions():
   logits = rng.normal(size=(2, 6, 11)).astype(np.float32)
   targets = rng.integers(0, 11, (2, 6))
   weights = np.array([[1, 1, 0, 1, 0, 0], [0.5, 1, 1, 0, 2, 0]], np.float32)
-  nll_sum, count = ts.weighted_nll(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(weights))
+  nll_sum, count = losses.weighted_nll(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(weights))
   log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   expected = -(np.take_along_axis(log_p, targets[..., None], -1)[..., 0] * weights).sum()
   assert float(nll_sum) == pytest.approx(float(expected), rel=1e-5)
@@ -264,7 +265,7 @@ def test_weighted_nll_ignores_zero_weight_positions():
   zero = weights == 0
   logits2[zero] = rng.normal(scale=50.0, size=(int(zero.sum()), 11))
   targets2[zero] = (targets2[zero] + 5) % 11
-  nll2, count2 = ts.weighted_nll(jnp.asarray(logits2), jnp.asarray(targets2), jnp.asarray(weights))
+  nll2, count2 = losses.weighted_nll(jnp.asarray(logits2), jnp.asarray(targets2), jnp.asarray(weights))
   assert float(nll2) == pytest.approx(float(nll_sum), rel=1e-6)
   assert float(count2) == float(count)
 
@@ -290,20 +291,21 @@ def test_train_steps_on_a_repeated_batch_reduce_the_loss(tiny_model):
 def test_bf16_compute_trains_with_fp32_params():
   config = _config()
   config.train.compute_dtype = "bfloat16"
-  resolved = loop.resolve_config(config)
+  resolved = runtime.resolve_config(config)
   assert resolved.model.dtype == "bfloat16"
-  model = models.get_model(resolved.model)
+  model = models.get_family(resolved.model)
   tx, schedule = ts.make_optimizer(_opt_config(lr=1e-2, warmup_steps=0), total_steps=100)
   state, batch = _state(model, tx), _batch()
 
   # The matmuls really run in bfloat16.
-  jaxpr = str(jax.make_jaxpr(lambda p: ts._apply(model, p, batch))(state.params))
+  jaxpr = str(jax.make_jaxpr(lambda p: model.loss(p, batch))(state.params))
   assert "bf16" in jaxpr
 
   # bf16 logits are close to the fp32 model's on the same params (the loss is computed in fp32).
   fp32_model = _model(_config())
-  nll16, count = ts.eval_step(state.params, batch, model=model).values()
-  nll32, _ = ts.eval_step(state.params, batch, model=fp32_model).values()
+  sums16 = ts.eval_step(state.params, batch, family=model)
+  sums32 = ts.eval_step(state.params, batch, family=fp32_model)
+  nll16, nll32, count = sums16["nll"], sums32["nll"], sums16["weight"]
   assert float(nll16 / count) == pytest.approx(float(nll32 / count), rel=2e-2)
 
   step = _step_fn(model, tx, schedule, 1)

@@ -7,27 +7,15 @@ that only knows the value alphabet. Rows: num_pairs, seq_len, examples, accuracy
 the values).
 """
 
-import functools
-
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-import models
 from data import synthetic
+from training import metrics as metrics_lib
 from training import sharding
 from training import train_step as ts
 from training.errors import ConfigError
 from training.tasks import EvalContext, register_task
-
-
-@functools.partial(jax.jit, static_argnames="model")
-def _recall_counts(model, params, batch):
-  """Sums over the weighted (query-value) targets: argmax hits, count, -log p. Sharding follows batch."""
-  logits = model.apply({"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"])
-  nll_sum, count = ts.weighted_nll(logits, batch["targets"], batch["weights"])
-  hits = jnp.sum((jnp.argmax(logits, axis=-1) == batch["targets"]) * batch["weights"])
-  return {"hits": hits, "count": count, "nll_sum": nll_sum}
 
 
 def mqar_seq_len(requested: int, train_seq_len: int, num_pairs: int) -> int:
@@ -52,20 +40,23 @@ def _options(ctx: EvalContext):
 @register_task("mqar")
 def mqar_task(ctx: EvalContext) -> dict:
   m, pairs = _options(ctx)
-  model = models.get_model(ctx.config.model)
+  counts = jax.jit(lambda params, batch: ts.eval_step(params, batch, family=ctx.family))
   batch_size, num_examples = int(m.batch_size), int(m.num_examples)
   rows = []
-  for p in pairs:
-    seq_len = mqar_seq_len(m.seq_len, ctx.config.train.seq_len, p)
-    hits = count = nll_sum = 0.0
-    for start in range(0, num_examples, batch_size):
-      ids = start + np.arange(batch_size)
-      batch = synthetic.mqar_batch(ids, seed=int(m.seed), num_pairs=p, seq_len=seq_len, stream="eval_task")
-      batch["weights"][ids >= num_examples] = 0.0  # the last batch is padded to one shape
-      global_batch = sharding.global_batch(sharding.process_rows(batch), ctx.mesh)
-      out = jax.device_get(_recall_counts(model, ctx.params, global_batch))
-      hits, count, nll_sum = hits + float(out["hits"]), count + float(out["count"]), nll_sum + float(
-          out["nll_sum"])
-    rows.append({"num_pairs": p, "seq_len": seq_len, "examples": num_examples,
-                 "accuracy": hits / count, "loss_nats": nll_sum / count})
-  return {"rows": rows, "seed": int(m.seed), "chance": 1.0 / len(synthetic.MQAR_VALUE_BYTES)}
+  with metrics_lib.progress(total=len(pairs) * num_examples, unit="example", desc="mqar",
+                            enabled=ctx.progress) as bar:
+    for p in pairs:
+      seq_len = mqar_seq_len(m.seq_len, ctx.config.train.seq_len, p)
+      sums = []
+      for start in range(0, num_examples, batch_size):
+        ids = start + np.arange(batch_size)
+        batch = synthetic.mqar_batch(ids, seed=int(m.seed), num_pairs=p, seq_len=seq_len, stream="eval_task")
+        batch["weights"][ids >= num_examples] = 0.0  # the last batch is padded to one shape
+        sums.append(counts(ctx.params, sharding.global_batch(sharding.process_rows(batch), ctx.mesh)))
+        bar.update(min(batch_size, num_examples - start))
+      total = {k: sum(float(s[k]) for s in jax.device_get(sums)) for k in ("correct", "weight", "nll")}
+      rows.append({"num_pairs": p, "seq_len": seq_len, "examples": num_examples,
+                   "accuracy": total["correct"] / total["weight"], "loss_nats": total["nll"] / total["weight"]})
+  return {"rows": rows, "seed": int(m.seed), "chance": 1.0 / len(synthetic.MQAR_VALUE_BYTES),
+          "data": f"num_pairs={','.join(map(str, pairs))}:examples={num_examples}:seed={int(m.seed)}:"
+                  f"seq_len={int(m.seq_len)}"}

@@ -1,0 +1,54 @@
+"""Autoregressive generation for any module with a decode cache (`decode=True`, the `cache` collection).
+
+The module is called as `module.apply({"params", "cache"}, ids [B, N], mutable=["cache"]) -> logits
+[B, N, V]`; a family's `generate` calls `generate` here with its decode-mode module.
+"""
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def init_cache(model: nn.Module, batch_size: int, max_len: int) -> Any:
+  """Zero decode cache for `model` (which must have decode=True), for sequences up to max_len tokens."""
+  dummy = jnp.zeros((batch_size, max_len), jnp.int32)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy))["cache"]
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def sample_logits(logits: jax.Array, rng: jax.Array, temperature: float, top_k: int) -> jax.Array:
+  """logits [B, V] -> ids [B]. temperature 0 is greedy; top_k > 0 keeps the k largest logits."""
+  if temperature <= 0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits / temperature
+  if top_k > 0:
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new", "temperature", "top_k"))
+def generate(model: nn.Module, params: Any, prompt: jax.Array, rng: jax.Array, *, max_new: int,
+             temperature: float = 0.0, top_k: int = 0) -> jax.Array:
+  """prompt [B, P] ids -> [B, max_new] new ids. `model` must be built with decode=True.
+
+  The prompt is prefilled in one call, then one token per step; every step reuses the cache.
+  """
+  batch, prompt_len = prompt.shape
+  cache = init_cache(model, batch, prompt_len + max_new)
+  logits, mutated = model.apply({"params": params, "cache": cache}, prompt, mutable=["cache"])
+  rng, sub = jax.random.split(rng)
+  first = sample_logits(logits[:, -1], sub, temperature, top_k)
+
+  def body(carry, _):
+    cache, token, rng = carry
+    logits, mutated = model.apply({"params": params, "cache": cache}, token[:, None], mutable=["cache"])
+    rng, sub = jax.random.split(rng)
+    nxt = sample_logits(logits[:, -1], sub, temperature, top_k)
+    return (mutated["cache"], nxt, rng), nxt
+
+  _, rest = jax.lax.scan(body, (mutated["cache"], first, rng), None, length=max_new - 1)
+  return jnp.concatenate([first[:, None], rest.T], axis=1)
