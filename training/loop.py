@@ -80,9 +80,12 @@ def _split_bytes(data_config: Any) -> dict[str, int | None]:
           for split in ("train", "valid", "test")}
 
 
-def _eval_line(step: int, split: str, result: dict) -> str:
-  return (f"step {step}: eval/bpb {result['bpb']:.4f} on {result['bytes']:,} bytes of {split} "
-          f"({result['sample']}; gzip -9 {result['gzip_bpb']:.4f}, xz -9e {result['xz_bpb']:.4f})")
+def _scored(result: dict) -> str:
+  """'N bytes: <sample>; on the same bytes gzip -9 G, xz -9e X' (no compressors for synthetic data)."""
+  text = f"{result['bytes']:,} bytes: {result['sample']}"
+  if "xz_bpb" in result:
+    text += f"; on the same bytes gzip -9 {result['gzip_bpb']:.4f}, xz -9e {result['xz_bpb']:.4f}"
+  return text
 
 
 class _StepMetrics:
@@ -204,7 +207,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         step += 1
         report(step_metrics.push(step, metrics))
         if t.eval_every and step % t.eval_every == 0 and step < t.steps:
-          progress.write(_eval_line(step, config.eval.split, evaluate(step)))
+          result = evaluate(step)
+          progress.write(f"step {step}: eval/bpb {result['bpb']:.4f} on {config.eval.split} ({_scored(result)})")
         if checkpointer.reached_preemption(step):
           stop.received = stop.received or "preemption"
         if stop.received or (config.checkpoint.every and step % config.checkpoint.every == 0):
@@ -226,9 +230,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       progress.close()
       final_metrics = {"step": step, **{f"eval/{k}": v for k, v in result.items()}}
       if is_main:
-        print(f"final {config.eval.split} bits-per-byte: {result['bpb']:.4f} (step {step}, "
-              f"{result['bytes']:,} bytes: {result['sample']}; on the same bytes gzip -9 "
-              f"{result['gzip_bpb']:.4f}, xz -9e {result['xz_bpb']:.4f})", flush=True)
+        print(f"final {config.eval.split} bits-per-byte: {result['bpb']:.4f} (step {step}, {_scored(result)})",
+              flush=True)
   checkpointer.close()
   logger.close()
   return final_metrics

@@ -8,6 +8,7 @@ import numpy as np
 
 from data import bytes as byte_ids
 from models.family import ModelFamily
+from training import metrics as metrics_lib
 from training.tasks import EvalContext, register_task
 
 
@@ -28,8 +29,10 @@ def generate_task(ctx: EvalContext) -> dict:
   g = ctx.config.generate
   prompt = ctx.options.get("prompt") or ""
   params = jax.device_get(ctx.params)  # decoding is latency-bound: run unsharded
-  text = generate_text(ctx.family, params, prompt, max_new_bytes=g.max_new_bytes,
-                       temperature=g.temperature, top_k=g.top_k, seed=g.seed)
+  with metrics_lib.progress(total=1, unit="prompt", desc="generate", enabled=ctx.progress) as bar:
+    text = generate_text(ctx.family, params, prompt, max_new_bytes=g.max_new_bytes,
+                         temperature=g.temperature, top_k=g.top_k, seed=g.seed)
+    bar.update(1)
   return {"metrics": {"prompt": prompt, "completion": text, "temperature": g.temperature,
                       "max_new_bytes": g.max_new_bytes},
           "data": f"prompt={prompt!r}:temperature={g.temperature}:top_k={g.top_k}:seed={g.seed}:"
