@@ -1,5 +1,5 @@
 """Tiling helpers shared by the blockwise pure-JAX ("xla") implementations, and the integer arithmetic and
-padding the Pallas wrappers (`ops.pallas_common`) use too.
+padding the Pallas wrappers use too.
 
 The blockwise attention ops (`ops.attention.xla`, `ops.landmark.xla`) cut [B, T, H, D] queries into
 `nq` tiles of `bq` rows and [B, S, Hkv, D] keys into `nk` tiles of `bkv` slots, with the tile index
@@ -11,10 +11,7 @@ key-tile scan of one query tile in their forwards (the per-tile update is each o
 
 import jax
 import jax.numpy as jnp
-
-
-def cdiv(a: int, b: int) -> int:
-  return -(-a // b)
+from jax.experimental.pallas import cdiv  # noqa: F401  (re-exported: ceil(a / b))
 
 
 def round_up(x: int, multiple: int) -> int:

@@ -5,7 +5,7 @@ The checks raise ValueError with one sentence naming the argument, the expected 
 the messages are part of the ops' behaviour (tests match them), so each op keeps exactly the wording it
 had: where ops word a check differently, the wording is a parameter. `sequence_args` brings positions
 and segment ids to the canonical int32 [B, L] form every implementation takes (traced: call it inside
-the op's jitted canonical call).
+the op's jitted `_call`).
 """
 
 from typing import Any

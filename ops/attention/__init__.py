@@ -11,7 +11,6 @@ Public entry: `attention`. Implementations (`impl`):
 """
 
 import functools
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -27,19 +26,30 @@ from ops.attention.block_sizes import BlockSizes
 __all__ = ["attention", "BlockSizes", "IMPLEMENTATIONS"]
 
 
-# impl name -> callable taking canonical arguments (see `attention`).
-IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = dispatch.implementations(
-    "ops.attention", "attention", reference, xla, pallas_tpu, pallas_gpu)
+def _pallas(*args, interpret: bool, **kwargs) -> jax.Array:
+  """impl="pallas": the kernel of the current backend (the TPU kernel, interpreted, on CPU)."""
+  backend = dispatch.pallas_backend("ops.attention", interpret)
+  kernel = {"tpu": pallas_tpu.attention, "gpu": pallas_gpu.attention}[backend]
+  return kernel(*args, interpret=interpret, **kwargs)
+
+
+# impl name -> implementation. Each takes (q, k, v, *, q_positions, kv_positions, segment_ids,
+# kv_segment_ids, key_bias, causal, signed, scale) in canonical form, plus the options of
+# `dispatch.impl_options`: block_sizes ("xla", Pallas) and interpret (Pallas).
+IMPLEMENTATIONS = {
+    "reference": reference.attention,
+    "xla": xla.attention,
+    "pallas": _pallas,
+    "pallas_tpu": pallas_tpu.attention,
+    "pallas_gpu": pallas_gpu.attention,
+}
 
 
 @functools.partial(jax.jit, static_argnames=("impl", "causal", "signed", "scale", "block_sizes",
                                              "interpret"))
-def _canonical_call(q, k, v, segment_ids, kv_segment_ids, q_positions, kv_positions, key_bias, *,
-                    impl, causal, signed, scale, block_sizes, interpret):
-  """Fills defaults, brings every argument to the canonical form the implementations take, calls impl.
-
-  Jitted so that the small canonicalisation ops never run (and compile) one by one in eager mode.
-  """
+def _call(q, k, v, segment_ids, kv_segment_ids, q_positions, kv_positions, key_bias, *, impl, causal,
+          signed, scale, block_sizes, interpret):
+  """The op's one jit: brings the arguments to canonical form and runs IMPLEMENTATIONS[impl]."""
   b, t = q.shape[:2]
   s = k.shape[1]
   seq = validation.sequence_args(b, t, s, q_positions, kv_positions, segment_ids, kv_segment_ids)
@@ -49,7 +59,7 @@ def _canonical_call(q, k, v, segment_ids, kv_segment_ids, q_positions, kv_positi
     if key_bias.ndim == 2:
       key_bias = key_bias[:, None, :]
   return IMPLEMENTATIONS[impl](q, k, v, **seq, key_bias=key_bias, causal=causal, signed=signed,
-                               scale=scale, block_sizes=block_sizes, interpret=interpret)
+                               scale=scale, **dispatch.impl_options(impl, block_sizes, interpret))
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
@@ -121,7 +131,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
     block_sizes = BlockSizes.get_default(t, s, d, q.dtype, jax.default_backend())
   if t == 0 or s == 0:  # no queries, or no keys (every row fully masked): exact zeros
     return jnp.zeros(q.shape, q.dtype)
-  return _canonical_call(q, k, v, segment_ids, kv_segment_ids, q_positions, kv_positions, key_bias,
-                         impl=name, causal=bool(causal), signed=bool(signed),
-                         scale=d ** -0.5 if scale is None else float(scale),
-                         block_sizes=block_sizes, interpret=bool(interpret))
+  return _call(q, k, v, segment_ids, kv_segment_ids, q_positions, kv_positions, key_bias, impl=name,
+               causal=bool(causal), signed=bool(signed),
+               scale=d ** -0.5 if scale is None else float(scale), block_sizes=block_sizes,
+               interpret=bool(interpret))

@@ -2,7 +2,8 @@
 
 The XLA implementation (`ops.attention.xla`) tiles queries into blocks of `block_q` rows and keys into
 blocks of `block_kv` columns, so it never materialises more than a `block_q x block_kv` tile of logits per
-(batch, head). The Pallas kernels (a later issue) will read the same dataclass.
+(batch, head). The Pallas kernels (`ops.attention.pallas_tpu`, `ops.attention.pallas_gpu`) read the same
+dataclass.
 """
 
 import dataclasses
@@ -37,8 +38,8 @@ class BlockSizes:
 
     A heuristic, not a tuned table: 512 x 512 tiles (256 x 512 for head_dim > 128 to bound the f32
     accumulator), shrunk to the sequence lengths rounded up to a multiple of 8 so short sequences use
-    one block. `dtype` and `backend` are accepted so per-backend tuning (and the Pallas kernels, whose
-    tiles depend on them) can be added without changing callers; today the XLA choice ignores them.
+    one block. `dtype` and `backend` do not change the choice (they are arguments so that per-backend
+    tiles need no change of callers).
 
     Args:
       q_len: number of queries T.
@@ -50,9 +51,9 @@ class BlockSizes:
     Returns:
       A `BlockSizes`.
     """
-    del dtype  # Not used by the XLA implementation yet.
+    del dtype  # Same tiles for every dtype.
     backend = backend or jax.default_backend()
-    del backend  # Same heuristic on every backend until benchmarks say otherwise.
+    del backend  # Same heuristic on every backend.
     block_q = 256 if head_dim > 128 else 512
     block_kv = 512
     return cls(block_q=min(block_q, round_up(max(q_len, 1), 8)),

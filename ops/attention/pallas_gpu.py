@@ -1,13 +1,10 @@
 """Flash attention for GPU in Pallas: softmax and Cog weights, causal or not, segment ids, GQA, per-key
 additive bias, explicit positions. Forward and backward kernels under one `jax.custom_vjp`.
 
-Backend: this file uses Pallas' Triton lowering (`pl.pallas_call` + `jax.experimental.pallas.triton`), a
-stated interim: Triton is deprecated since JAX 0.11 in favour of Mosaic GPU, whose Hopper kernels (TMA,
-wgmma, warp specialisation) have not been written here because no GPU was available to validate them; the
-backend choice is isolated in this file and in the wrapper side it shares with the landmark kernels
-(`ops.pallas_common.GpuFlashLayout`: padding, BlockSpecs, the three `pallas_call`s), so the Mosaic GPU port
-replaces them without touching callers. The tile maths is shared with the TPU kernel
-(`ops.attention.tile_math`); equations in `ops.attention.xla`.
+Backend: Pallas' Triton lowering (`pl.pallas_call` + `jax.experimental.pallas.triton`). The tile maths is
+shared with the TPU kernel (`ops.attention.tile_math`); equations in `ops.attention.xla`. The operands are
+padded and transposed by `ops.flash_layout.GpuFlashLayout` (shared with the landmark kernels); this file's
+wrapper builds the BlockSpecs and runs the three `pallas_call`s.
 
 Grids, one program per (b, h, block); the reduction is a `lax.fori_loop` inside the program (GPU style):
   forward (b, h, q block): loops over kv blocks with the online softmax; writes o and lse.
@@ -16,7 +13,7 @@ Grids, one program per (b, h, block); the reduction is a `lax.fori_loop` inside 
   dQ      (b, h, q block): loops over kv blocks.
 Tiles with no visible key skip their matmuls (`lax.cond`). Triton needs power-of-two tile shapes, so the
 head dim is zero-padded to a power of two (zero columns change no dot product) and tiles are powers of two.
-`interpret=True` runs the same kernels through the generic Pallas interpreter on CPU (CI).
+`interpret=True` runs the same kernels through the generic Pallas interpreter on CPU.
 """
 
 import functools
@@ -25,10 +22,13 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from ops import flash_layout
 from ops import pallas_common
 from ops.attention import tile_math
 from ops.attention.block_sizes import BlockSizes
-from ops.pallas_common import any_mask, split_refs
+from ops.pallas_common import MIN_TILE, any_mask, split_refs
+
+F32 = jnp.float32
 
 
 def _key_tile(kv_pos_ref, kv_seg_ref, bias_ref, start, bk):
@@ -124,14 +124,50 @@ def _dq_kernel(q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, *refs, scale, causa
 
 
 def _layout(q, k, bias, q_pos, kv_pos, q_seg, kv_seg, bq, bk):
-  return pallas_common.GpuFlashLayout(q, k, q_pos, kv_pos, q_seg, kv_seg, bq, bk, bias=bias)
+  return flash_layout.GpuFlashLayout(q, k, q_pos, kv_pos, q_seg, kv_seg, bq, bk, bias=bias)
+
+
+def _specs(lay: flash_layout.GpuFlashLayout, q_block: int | None, kv_block: int | None):
+  """BlockSpecs on a (b, h, i) grid: (sequence specs [q pos, q seg, kv pos, kv seg(, bias)], q-like
+  [rows, Dp], kv [keys, Dp] of the query head's kv head, per-query-head key [keys, Dp], q-row [rows],
+  per-query-head key row [keys]); the rows are q block i (q_block) or all Tp, the keys key tile i
+  (kv_block) or all Sp."""
+  sq, g, dp = pl.squeezed, lay.group, lay.dp
+  rows, keys = q_block or lay.tp, kv_block or lay.sp
+  q_index = (lambda b, h, i: i) if q_block else (lambda b, h, i: 0)
+  k_index = (lambda b, h, i: i) if kv_block else (lambda b, h, i: 0)
+  seq = ([pl.BlockSpec((sq, rows), lambda b, h, i: (b, q_index(b, h, i)))] * 2
+         + [pl.BlockSpec((sq, keys), lambda b, h, i: (b, k_index(b, h, i)))] * 2)
+  if lay.bias is not None:
+    shared = lay.bias.shape[1] == 1  # one bias row for every kv head
+    seq.append(pl.BlockSpec((sq, sq, keys),
+                            lambda b, h, i: (b, 0 if shared else h // g, k_index(b, h, i))))
+  q_spec = pl.BlockSpec((sq, sq, rows, dp), lambda b, h, i: (b, h, q_index(b, h, i), 0))
+  kv_spec = pl.BlockSpec((sq, sq, keys, dp), lambda b, h, i: (b, h // g, k_index(b, h, i), 0))
+  key_spec = pl.BlockSpec((sq, sq, keys, dp), lambda b, h, i: (b, h, k_index(b, h, i), 0))
+  row_spec = pl.BlockSpec((sq, sq, rows), lambda b, h, i: (b, h, q_index(b, h, i)))
+  key_row_spec = pl.BlockSpec((sq, sq, keys), lambda b, h, i: (b, h, k_index(b, h, i)))
+  return seq, q_spec, kv_spec, key_spec, row_spec, key_row_spec
 
 
 def _forward(q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, causal, signed, scale, bq, bk, interpret):
+  """(o [B, T, H, D], lse [B, H, Tp] f32) from the forward kernel on grid (b, h, q block); each program
+  sees one q block and the whole k, v of its kv head."""
   lay = _layout(q, k, bias, q_pos, kv_pos, q_seg, kv_seg, bq, bk)
   kernel = functools.partial(_fwd_kernel, scale=scale, causal=causal, signed=signed,
                              has_bias=bias is not None, block_kv=bk, num_kv_blocks=lay.nk)
-  return lay.forward(kernel, q, k, v, interpret)
+  seq, q_spec, kv_spec, _, row_spec, _ = _specs(lay, bq, None)
+  o, lse = pl.pallas_call(
+      kernel,
+      grid=(lay.b, lay.h, lay.nq),
+      in_specs=seq + [q_spec, kv_spec, kv_spec],
+      out_specs=[q_spec, row_spec],
+      out_shape=[jax.ShapeDtypeStruct((lay.b, lay.h, lay.tp, lay.dp), q.dtype),
+                 jax.ShapeDtypeStruct((lay.b, lay.h, lay.tp), F32)],
+      compiler_params=pallas_common.triton_compiler_params(lay.dp),
+      interpret=interpret,
+  )(*lay.seq_args(), lay.q_major(q), lay.kv_major(k), lay.kv_major(v))
+  return lay.q_unpad(o), lse
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11, 12, 13))
@@ -148,15 +184,42 @@ def _flash_fwd(q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, causal, signed, scal
 def _flash_bwd(causal, signed, scale, bq, bk, interpret, res, do):
   q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, o, lse = res
   lay = _layout(q, k, bias, q_pos, kv_pos, q_seg, kv_seg, bq, bk)
-  operands = lay.backward_operands(q, k, v, do, o, lse)
+  operands = lay.backward_operands(q, k, v, do, o, lse)  # q, k, v, dO, lse, D
   has_bias = bias is not None
   common = dict(scale=scale, causal=causal, signed=signed, has_bias=has_bias)
-  dkv = lay.dkv(functools.partial(_dkv_kernel, block_q=bq, num_q_blocks=lay.nq, **common), operands,
-                interpret, bias_grad=has_bias)
-  dq = lay.dq(functools.partial(_dq_kernel, block_kv=bk, num_kv_blocks=lay.nk, **common), operands,
-              interpret)
+  b, h, dp, tp, sp = lay.b, lay.h, lay.dp, lay.tp, lay.sp
 
-  dq = dq.astype(q.dtype)
+  # dK/dV on grid (b, h, kv block), looping over the q blocks: per-query-head f32 dk, dv [B, H, Sp, Dp]
+  # and the key-bias gradient [B, H, Sp].
+  seq, q_spec, kv_spec, key_spec, row_spec, key_row_spec = _specs(lay, None, bk)
+  out_shape = [jax.ShapeDtypeStruct((b, h, sp, dp), F32)] * 2
+  out_specs = [key_spec, key_spec]
+  if has_bias:
+    out_shape.append(jax.ShapeDtypeStruct((b, h, sp), F32))
+    out_specs.append(key_row_spec)
+  dkv = pl.pallas_call(
+      functools.partial(_dkv_kernel, block_q=bq, num_q_blocks=lay.nq, **common),
+      grid=(b, h, lay.nk),
+      in_specs=seq + [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec],
+      out_specs=out_specs,
+      out_shape=out_shape,
+      compiler_params=pallas_common.triton_compiler_params(dp),
+      interpret=interpret,
+  )(*lay.seq_args(), *operands)
+
+  # dQ on grid (b, h, q block), looping over the key tiles: f32 dq [B, H, Tp, Dp].
+  seq, q_spec, kv_spec, _, row_spec, _ = _specs(lay, bq, None)
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, block_kv=bk, num_kv_blocks=lay.nk, **common),
+      grid=(b, h, lay.nq),
+      in_specs=seq + [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec],
+      out_specs=q_spec,
+      out_shape=jax.ShapeDtypeStruct((b, h, tp, dp), F32),
+      compiler_params=pallas_common.triton_compiler_params(dp),
+      interpret=interpret,
+  )(*lay.seq_args(), *operands)
+
+  dq = lay.q_unpad(dq).astype(q.dtype)
   dk = lay.per_kv_head(dkv[0]).astype(k.dtype)
   dv = lay.per_kv_head(dkv[1]).astype(v.dtype)
   dbias = lay.key_bias_grad(dkv[2], bias) if has_bias else None
@@ -167,13 +230,12 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def tile_sizes(block_sizes: BlockSizes, q_len: int, kv_len: int) -> tuple[int, int]:
-  """Power-of-two tiles (Triton), at most the requested blocks, at least 16, covering short inputs."""
+  """Triton tiles: the requested blocks clamped to the lengths, rounded up to powers of two >= 16."""
   def tile(requested: int, length: int) -> int:
-    return min(pallas_common.pow2_at_least(requested), pallas_common.pow2_at_least(length))
+    return max(MIN_TILE, pl.next_power_of_2(min(requested, length)))
   return tile(block_sizes.block_q, q_len), tile(block_sizes.block_kv, kv_len)
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "signed", "scale", "block_sizes", "interpret"))
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_positions: jax.Array,
               kv_positions: jax.Array, segment_ids: jax.Array | None,
               kv_segment_ids: jax.Array | None, key_bias: jax.Array | None, causal: bool,

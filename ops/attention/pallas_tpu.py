@@ -3,8 +3,8 @@ GQA, per-key additive bias, explicit positions. Forward and backward kernels und
 
 Same maths as `ops.attention.xla` (its docstring has the equations; `ops.attention.tile_math` holds the
 per-tile pieces both Pallas backends share). Layout inside the kernels is [B, H, L, D] so a tile is a 2-D
-[block, D] slab; the wrapper pads and transposes: `ops.pallas_common.TpuFlashLayout` (shared with the
-landmark kernels) does that, builds the BlockSpecs and runs the three `pallas_call`s.
+[block, D] slab; `ops.flash_layout.TpuFlashLayout` (shared with the landmark kernels) pads and transposes
+the operands, and this file's wrapper builds the BlockSpecs and runs the three `pallas_call`s.
 
 Grids (b, h, outer, inner) with the reduction axis innermost ("arbitrary") and the rest "parallel":
   forward  (b, h, q block, kv block): running m, l [bq, 1] and acc [bq, D] in VMEM scratch; writes o and
@@ -13,14 +13,13 @@ Grids (b, h, outer, inner) with the reduction axis innermost ("arbitrary") and t
            key-bias gradient [1, bk] per query head; kv heads of a GQA group are summed afterwards.
   dQ       (b, h, q block, kv block): accumulates dq [bq, D].
 Tiles with no visible key (above the causal diagonal, other segments, padding) skip their matmuls with
-`pl.when`; they are still fetched (index-map clamping to avoid the DMA is a tuning step for later).
+`pl.when`; they are still fetched.
 
 Padding: T and S are padded to whole blocks; padded query rows get segment -1 and padded keys segment -2,
 which match nothing, so padding is invisible and padded rows produce zeros (sliced off).
 
-Interpret mode (`interpret=True`) runs the kernels on CPU with `pltpu.InterpretParams()`; that is how CI
-tests them. On a real TPU, block sizes must respect the (8, 128) tiling: `BlockSizes.get_default` picks
-multiples of 128 there. Compiled-TPU runs have not been done yet (no TPU was available to this project).
+Interpret mode (`interpret=True`) runs the kernels on CPU with `pltpu.InterpretParams()`. On a real TPU,
+block sizes must respect the (8, 128) tiling: `BlockSizes.get_default` picks multiples of 128 there.
 """
 
 import functools
@@ -28,11 +27,16 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
+from ops import flash_layout
 from ops import pallas_common
 from ops.attention import tile_math
 from ops.attention.block_sizes import BlockSizes
 from ops.pallas_common import any_mask, split_refs
+from ops.tiling import round_up
+
+F32 = jnp.float32
 
 
 def _fwd_kernel(q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, *refs, scale, causal, signed, has_bias,
@@ -123,15 +127,56 @@ def _dq_kernel(q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, *refs, scale, causa
     dq_ref[...] = dq_sc[...]
 
 
+def _specs(lay: flash_layout.TpuFlashLayout, q_axis: int):
+  """BlockSpecs on a grid (b, h, x, y) whose query-block index is axis q_axis (2 or 3), the key-block
+  index the other one: (sequence specs [q pos, q seg, kv pos, kv seg(, bias)], q [bq, D], kv [bk, D] of
+  the query head's kv head, row [bq, 1], per-query-head key [bk, D], per-query-head key row [1, bk])."""
+  sq = pl.squeezed
+  g, bq, bk, d = lay.group, lay.bq, lay.bk, lay.d
+
+  def qi(idx):
+    return idx[q_axis]
+
+  def kj(idx):
+    return idx[5 - q_axis]
+
+  seq = [pl.BlockSpec((sq, bq, 1), lambda *i: (i[0], qi(i), 0)),
+         pl.BlockSpec((sq, bq, 1), lambda *i: (i[0], qi(i), 0)),
+         pl.BlockSpec((sq, 1, bk), lambda *i: (i[0], 0, kj(i))),
+         pl.BlockSpec((sq, 1, bk), lambda *i: (i[0], 0, kj(i)))]
+  if lay.bias is not None:
+    shared = lay.bias.shape[1] == 1  # one bias row for every kv head
+    seq.append(pl.BlockSpec((sq, sq, 1, bk), lambda *i: (i[0], 0 if shared else i[1] // g, 0, kj(i))))
+  q_spec = pl.BlockSpec((sq, sq, bq, d), lambda *i: (i[0], i[1], qi(i), 0))
+  kv_spec = pl.BlockSpec((sq, sq, bk, d), lambda *i: (i[0], i[1] // g, kj(i), 0))
+  row_spec = pl.BlockSpec((sq, sq, bq, 1), lambda *i: (i[0], i[1], qi(i), 0))
+  key_spec = pl.BlockSpec((sq, sq, bk, d), lambda *i: (i[0], i[1], kj(i), 0))
+  key_row_spec = pl.BlockSpec((sq, sq, 1, bk), lambda *i: (i[0], i[1], 0, kj(i)))
+  return seq, q_spec, kv_spec, row_spec, key_spec, key_row_spec
+
+
 def _layout(q, k, bias, q_pos, kv_pos, q_seg, kv_seg, bq, bk):
-  return pallas_common.TpuFlashLayout(q, k, q_pos, kv_pos, q_seg, kv_seg, bq, bk, bias=bias)
+  return flash_layout.TpuFlashLayout(q, k, q_pos, kv_pos, q_seg, kv_seg, bq, bk, bias=bias)
 
 
 def _forward(q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, causal, signed, scale, bq, bk, interpret):
+  """(o [B, T, H, D], lse [B, H, Tp, 1] f32) from the forward kernel on grid (b, h, q block, kv block)."""
   lay = _layout(q, k, bias, q_pos, kv_pos, q_seg, kv_seg, bq, bk)
   kernel = functools.partial(_fwd_kernel, scale=scale, causal=causal, signed=signed,
                              has_bias=bias is not None, num_kv_blocks=lay.nk)
-  return lay.forward(kernel, q, k, v, interpret)
+  seq, q_spec, kv_spec, row_spec, _, _ = _specs(lay, q_axis=2)
+  o, lse = pl.pallas_call(
+      kernel,
+      grid=(lay.b, lay.h, lay.nq, lay.nk),
+      in_specs=seq + [q_spec, kv_spec, kv_spec],
+      out_specs=[q_spec, row_spec],
+      out_shape=[jax.ShapeDtypeStruct((lay.b, lay.h, lay.tp, lay.d), q.dtype),
+                 jax.ShapeDtypeStruct((lay.b, lay.h, lay.tp, 1), F32)],
+      scratch_shapes=[pltpu.VMEM((bq, 1), F32), pltpu.VMEM((bq, 1), F32), pltpu.VMEM((bq, lay.d), F32)],
+      compiler_params=pallas_common.tpu_compiler_params(4),
+      interpret=pallas_common.tpu_interpret_params(interpret),
+  )(*lay.seq_args(), lay.q_major(q), lay.kv_major(k), lay.kv_major(v))
+  return lay.q_unpad(o), lse
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11, 12, 13))
@@ -149,14 +194,44 @@ def _flash_bwd(causal, signed, scale, bq, bk, interpret, res, do):
   q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, o, lse = res
   lay = _layout(q, k, bias, q_pos, kv_pos, q_seg, kv_seg, bq, bk)
   # D_i = <dO_i, o_i> is the softmax-Jacobian row term (the same for signed weights).
-  operands = lay.backward_operands(q, k, v, do, o, lse)
+  operands = lay.backward_operands(q, k, v, do, o, lse)  # q, k, v, dO, lse, D
   has_bias = bias is not None
   common = dict(scale=scale, causal=causal, signed=signed, has_bias=has_bias)
-  dkv = lay.dkv(functools.partial(_dkv_kernel, num_q_blocks=lay.nq, **common), operands, interpret,
-                bias_grad=has_bias, bias_scratch=True)
-  dq = lay.dq(functools.partial(_dq_kernel, num_kv_blocks=lay.nk, **common), operands, interpret)
+  b, h, d, tp, sp = lay.b, lay.h, lay.d, lay.tp, lay.sp
 
-  dq = dq.astype(q.dtype)
+  # dK/dV on grid (b, h, kv block, q block): per-query-head f32 dk, dv [B, H, Sp, D] and the key-bias
+  # gradient [B, H, 1, Sp]; scratch dk, dv [bk, D] and db [1, bk].
+  seq, q_spec, kv_spec, row_spec, key_spec, key_row_spec = _specs(lay, q_axis=3)
+  out_shape = [jax.ShapeDtypeStruct((b, h, sp, d), F32)] * 2
+  out_specs = [key_spec, key_spec]
+  if has_bias:
+    out_shape.append(jax.ShapeDtypeStruct((b, h, 1, sp), F32))
+    out_specs.append(key_row_spec)
+  dkv = pl.pallas_call(
+      functools.partial(_dkv_kernel, num_q_blocks=lay.nq, **common),
+      grid=(b, h, lay.nk, lay.nq),
+      in_specs=seq + [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec],
+      out_specs=out_specs,
+      out_shape=out_shape,
+      scratch_shapes=[pltpu.VMEM((bk, d), F32), pltpu.VMEM((bk, d), F32), pltpu.VMEM((1, bk), F32)],
+      compiler_params=pallas_common.tpu_compiler_params(4),
+      interpret=pallas_common.tpu_interpret_params(interpret),
+  )(*lay.seq_args(), *operands)
+
+  # dQ on grid (b, h, q block, kv block): f32 dq [B, H, Tp, D]; scratch dq [bq, D].
+  seq, q_spec, kv_spec, row_spec, _, _ = _specs(lay, q_axis=2)
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, num_kv_blocks=lay.nk, **common),
+      grid=(b, h, lay.nq, lay.nk),
+      in_specs=seq + [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec],
+      out_specs=q_spec,
+      out_shape=jax.ShapeDtypeStruct((b, h, tp, d), F32),
+      scratch_shapes=[pltpu.VMEM((bq, d), F32)],
+      compiler_params=pallas_common.tpu_compiler_params(4),
+      interpret=pallas_common.tpu_interpret_params(interpret),
+  )(*lay.seq_args(), *operands)
+
+  dq = lay.q_unpad(dq).astype(q.dtype)
   dk = lay.per_kv_head(dkv[0]).astype(k.dtype)
   dv = lay.per_kv_head(dkv[1]).astype(v.dtype)
   dbias = lay.key_bias_grad(dkv[2], bias) if has_bias else None
@@ -168,11 +243,9 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 def tile_sizes(block_sizes: BlockSizes, q_len: int, kv_len: int) -> tuple[int, int]:
   """Kernel tiles: the requested blocks, clamped to the (8-rounded) lengths so short inputs use one."""
-  return (min(block_sizes.block_q, pallas_common.round_up(q_len, 8)),
-          min(block_sizes.block_kv, pallas_common.round_up(kv_len, 8)))
+  return (min(block_sizes.block_q, round_up(q_len, 8)), min(block_sizes.block_kv, round_up(kv_len, 8)))
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "signed", "scale", "block_sizes", "interpret"))
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_positions: jax.Array,
               kv_positions: jax.Array, segment_ids: jax.Array | None,
               kv_segment_ids: jax.Array | None, key_bias: jax.Array | None, causal: bool,

@@ -13,8 +13,6 @@ Call it through `ops.attention.attention(..., impl="reference")`, which validate
 arguments.
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
@@ -51,7 +49,6 @@ def build_mask(q_positions: jax.Array, kv_positions: jax.Array, segment_ids: jax
   return mask
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "signed", "scale"))
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_positions: jax.Array,
               kv_positions: jax.Array, segment_ids: jax.Array | None,
               kv_segment_ids: jax.Array | None, key_bias: jax.Array | None, causal: bool,

@@ -202,7 +202,6 @@ def _flash_bwd(causal, signed, scale, bq, bkv, res, do):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "signed", "scale", "block_sizes"))
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_positions: jax.Array,
               kv_positions: jax.Array, segment_ids: jax.Array | None,
               kv_segment_ids: jax.Array | None, key_bias: jax.Array | None, causal: bool,

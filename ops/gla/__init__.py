@@ -6,15 +6,13 @@ Public entries: `gla` (a whole sequence) and `gla_step` (one token, for decoding
   "xla":       `ops.gla.xla`, the chunkwise-parallel log-space form with secondary chunking; reverse-mode
                autodiff (custom VJP on the diagonal sub-blocks).
   "pallas":    the Pallas kernel of the current backend: `ops.gla.pallas_tpu` (Mosaic TPU) on TPU,
-               `ops.gla.pallas_gpu` (Triton lowering, a stated interim) on GPU; on CPU it needs
-               interpret=True and runs the TPU kernel in interpret mode. "pallas_tpu" / "pallas_gpu" force
-               one kernel (e.g. to interpret the GPU kernel on CPU). Both are validated in interpret mode
-               only (no TPU or GPU was available).
+               `ops.gla.pallas_gpu` (Triton lowering) on GPU; on CPU it needs interpret=True and runs the
+               TPU kernel in interpret mode. "pallas_tpu" / "pallas_gpu" force one kernel (e.g. to
+               interpret the GPU kernel on CPU).
 `impl=None` picks "pallas" on TPU and GPU and "xla" on CPU.
 """
 
 import functools
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -31,19 +29,32 @@ from ops.gla.step import gla_step
 __all__ = ["gla", "gla_step", "BlockSizes", "IMPLEMENTATIONS"]
 
 
-# impl name -> callable taking canonical arguments (see `gla`).
-IMPLEMENTATIONS: dict[str, Callable[..., tuple[jax.Array, jax.Array]]] = dispatch.implementations(
-    "ops.gla", "gla", reference, xla, pallas_tpu, pallas_gpu)
+def _pallas(*args, interpret: bool, **kwargs) -> tuple[jax.Array, jax.Array]:
+  """impl="pallas": the kernel of the current backend (the TPU kernel, interpreted, on CPU)."""
+  backend = dispatch.pallas_backend("ops.gla", interpret)
+  kernel = {"tpu": pallas_tpu.gla, "gpu": pallas_gpu.gla}[backend]
+  return kernel(*args, interpret=interpret, **kwargs)
+
+
+# impl name -> implementation. Each takes (q, k, v, log_gate, initial_state [f32], *, scale), plus the
+# options of `dispatch.impl_options`: block_sizes ("xla", Pallas) and interpret (Pallas).
+IMPLEMENTATIONS = {
+    "reference": reference.gla,
+    "xla": xla.gla,
+    "pallas": _pallas,
+    "pallas_tpu": pallas_tpu.gla,
+    "pallas_gpu": pallas_gpu.gla,
+}
 
 
 @functools.partial(jax.jit, static_argnames=("impl", "scale", "block_sizes", "interpret"))
-def _canonical_call(q, k, v, log_gate, initial_state, *, impl, scale, block_sizes, interpret):
-  """Fills the default state and calls the implementation (jitted so eager callers compile once)."""
+def _call(q, k, v, log_gate, initial_state, *, impl, scale, block_sizes, interpret):
+  """The op's one jit: fills the default state and runs IMPLEMENTATIONS[impl]."""
   if initial_state is None:
     b, _, h, dk = q.shape
     initial_state = jnp.zeros((b, h, dk, v.shape[-1]), jnp.float32)
   return IMPLEMENTATIONS[impl](q, k, v, log_gate, initial_state.astype(jnp.float32), scale=scale,
-                               block_sizes=block_sizes, interpret=interpret)
+                               **dispatch.impl_options(impl, block_sizes, interpret))
 
 
 def gla(q: jax.Array, k: jax.Array, v: jax.Array, log_gate: jax.Array, *,
@@ -117,6 +128,6 @@ def gla(q: jax.Array, k: jax.Array, v: jax.Array, log_gate: jax.Array, *,
     state = (jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None
              else initial_state.astype(jnp.float32))
     return jnp.zeros((b, 0, h, dv), q.dtype), state
-  return _canonical_call(q, k, v, log_gate, initial_state, impl=name,
-                         scale=dk ** -0.5 if scale is None else float(scale),
-                         block_sizes=block_sizes, interpret=bool(interpret))
+  return _call(q, k, v, log_gate, initial_state, impl=name,
+               scale=dk ** -0.5 if scale is None else float(scale), block_sizes=block_sizes,
+               interpret=bool(interpret))

@@ -1,11 +1,8 @@
 """Chunkwise GLA for GPU in Pallas: forward and backward kernels under one `jax.custom_vjp`.
 
-Backend: this file uses Pallas' Triton lowering (`pl.pallas_call` + `jax.experimental.pallas.triton`), a
-stated interim: Triton is deprecated since JAX 0.11 in favour of Mosaic GPU, whose Hopper kernels (TMA,
-wgmma, warp specialisation) have not been written here because no GPU was available to validate them; the
-backend choice is isolated in this file so a Mosaic GPU port replaces it without touching callers. The
-per-chunk maths is shared with the TPU kernel (`ops.gla.tile_math`; equations there and in
-`ops.gla.xla`, spec §1.1).
+Backend: Pallas' Triton lowering (`pl.pallas_call` + `jax.experimental.pallas.triton`). The per-chunk
+maths is shared with the TPU kernel (`ops.gla.tile_math`; equations there and in `ops.gla.xla`, spec
+§1.1).
 
 Grids, one program per (b, h); the chunks are a sequential `lax.fori_loop` inside the program (GPU
 style), the [V, K] f32 state a loop carry:
@@ -20,11 +17,10 @@ around the kernels (`tile_math.chunk_cumsum`, `tile_math.gate_gradient`).
 Triton needs power-of-two tiles of at least 16 for its dots: head dims are zero-padded to a power of two
 (zero key/query channels with log_gate 0 change nothing; zero value columns are sliced off), and the
 chunk and sub-chunk are rounded up to powers of two >= 16 (`tile_sizes`; results do not depend on them
-beyond rounding). Not done: tiling the value dim over the grid (fla's BV), which would bound the state
-in registers at K = V >= 128 and add parallelism at small B * H.
+beyond rounding). The value dim is not tiled over the grid (fla's BV): each program holds the whole
+[V, K] state.
 
-`interpret=True` runs the same kernels through the generic Pallas interpreter on CPU; that is how CI
-tests them. Compiled-GPU runs have not been done (no GPU was available to this project).
+`interpret=True` runs the same kernels through the generic Pallas interpreter on CPU.
 """
 
 import functools
@@ -36,6 +32,7 @@ from jax.experimental import pallas as pl
 from ops import pallas_common
 from ops.gla import tile_math
 from ops.gla.block_sizes import BlockSizes
+from ops.pallas_common import MIN_TILE
 
 F32 = jnp.float32
 
@@ -78,8 +75,8 @@ class _Layout:
   def __init__(self, q, v, chunk):
     self.b, self.t, self.h, self.dk = q.shape
     self.dv = v.shape[-1]
-    self.kp, self.vp = pallas_common.pow2_at_least(self.dk), pallas_common.pow2_at_least(self.dv)
-    self.n = pallas_common.cdiv(self.t, chunk)
+    self.kp, self.vp = (max(MIN_TILE, pl.next_power_of_2(x)) for x in (self.dk, self.dv))
+    self.n = pl.cdiv(self.t, chunk)
     self.tp = self.n * chunk
 
   def keys(self, x):
@@ -158,11 +155,10 @@ _gla = tile_math.custom_vjp_op(_forward, _gla_bwd)
 
 def tile_sizes(block_sizes: BlockSizes) -> tuple[int, int]:
   """(chunk, sub_chunk) of the kernel: powers of two >= 16, at least the requested sizes."""
-  sub_chunk = pallas_common.pow2_at_least(block_sizes.sub_chunk)
-  return max(pallas_common.pow2_at_least(block_sizes.chunk_size), sub_chunk), sub_chunk
+  sub_chunk = max(MIN_TILE, pl.next_power_of_2(block_sizes.sub_chunk))
+  return max(pl.next_power_of_2(block_sizes.chunk_size), sub_chunk), sub_chunk
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "block_sizes", "interpret"))
 def gla(q: jax.Array, k: jax.Array, v: jax.Array, log_gate: jax.Array, initial_state: jax.Array, *,
         scale: float, block_sizes: BlockSizes, interpret: bool) -> tuple[jax.Array, jax.Array]:
   """Pallas GPU chunkwise GLA. Call it through `ops.gla.gla(..., impl="pallas")`.

@@ -21,9 +21,7 @@ are sliced off. On a real TPU the chunk and sub-chunk must be multiples of 8 (16
 sublane packing); `BlockSizes.get_default(..., kernel=True)` gives 64 / 16. Head dims are whole blocks
 (any size is legal; multiples of 128 use the lanes fully).
 
-Interpret mode (`interpret=True`) runs the kernels on CPU with `pltpu.InterpretParams()`; that is how
-CI tests them. No TPU was available to this project: compiled-TPU runs (lowering, speed, VMEM limits at
-K = V = 256) have not been done.
+Interpret mode (`interpret=True`) runs the kernels on CPU with `pltpu.InterpretParams()`.
 """
 
 import functools
@@ -100,7 +98,7 @@ def _chunked_gate(log_gate, chunk: int):
   """(n, Tp, G): the number of chunks, the padded length n * C and the within-chunk f32 cumsum G of the
   log gate in kernel layout [B, H, Tp, K]."""
   t = log_gate.shape[1]
-  n = pallas_common.cdiv(t, chunk)
+  n = pl.cdiv(t, chunk)
   tp = n * chunk
   return n, tp, tile_math.chunk_cumsum(tile_math.to_kernel_layout(log_gate.astype(F32), tp), chunk, t)
 
@@ -172,7 +170,6 @@ def tile_sizes(block_sizes: BlockSizes) -> tuple[int, int]:
   return block_sizes.chunk_size, block_sizes.sub_chunk
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "block_sizes", "interpret"))
 def gla(q: jax.Array, k: jax.Array, v: jax.Array, log_gate: jax.Array, initial_state: jax.Array, *,
         scale: float, block_sizes: BlockSizes, interpret: bool) -> tuple[jax.Array, jax.Array]:
   """Pallas TPU chunkwise GLA. Call it through `ops.gla.gla(..., impl="pallas")`.

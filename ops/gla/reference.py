@@ -12,8 +12,6 @@ step (`recurrent_step` is what `ops.gla.gla_step` computes); call it through
 `ops.gla.gla(..., impl="reference")`, which validates and canonicalises the arguments.
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
@@ -39,7 +37,6 @@ def recurrent_step(q: jax.Array, k: jax.Array, v: jax.Array, log_gate: jax.Array
   return o, state
 
 
-@functools.partial(jax.jit, static_argnames=("scale",))
 def gla(q: jax.Array, k: jax.Array, v: jax.Array, log_gate: jax.Array, initial_state: jax.Array, *,
         scale: float) -> tuple[jax.Array, jax.Array]:
   """Recurrent GLA (equations in the module docstring).

@@ -34,8 +34,6 @@ supported through this implementation). They stay finite for any finite log_gate
 reason the forward does.
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
@@ -148,7 +146,6 @@ def _intra_chunk_scores(q: jax.Array, k: jax.Array, g_cum: jax.Array, sub_chunk:
   return (off + diag[..., :, :, None, :] * eye).reshape(*lead, chunk, chunk)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "block_sizes"))
 def gla(q: jax.Array, k: jax.Array, v: jax.Array, log_gate: jax.Array, initial_state: jax.Array, *,
         scale: float, block_sizes: BlockSizes) -> tuple[jax.Array, jax.Array]:
   """Chunkwise GLA (equations in the module docstring).

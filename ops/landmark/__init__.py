@@ -6,16 +6,15 @@ Public entry: `landmark_attention`. Implementations (`impl`):
                and a blockwise custom-VJP backward in pure JAX; needs the slot layout described there.
   "pallas":    the fused kernel of spec §2.5 for the current backend, forward and backward Pallas kernels
                under a custom VJP: `ops.landmark.pallas_tpu` (Mosaic TPU) on TPU,
-               `ops.landmark.pallas_gpu` (Triton lowering, stated interim) on GPU; on CPU it needs
-               interpret=True and runs the TPU kernel in interpret mode. "pallas_tpu" / "pallas_gpu"
-               force one kernel (e.g. to interpret the GPU kernel on CPU). Same slot layout as "xla".
-               Validated in interpret mode only (no TPU/GPU was available to this project).
+               `ops.landmark.pallas_gpu` (Triton lowering) on GPU; on CPU it needs interpret=True and
+               runs the TPU kernel in interpret mode. "pallas_tpu" / "pallas_gpu" force one kernel (e.g.
+               to interpret the GPU kernel on CPU). Same slot layout as "xla".
 `impl=None` picks "pallas" on TPU and GPU and "xla" on CPU.
 The inference top-k retrieval form lives in `ops.landmark.retrieval`.
 """
 
 import functools
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,9 +33,23 @@ __all__ = ["landmark_attention", "BlockSizes", "IMPLEMENTATIONS", "EMPTY_SLOT"]
 EMPTY_SLOT = reference.EMPTY_SLOT  # kv position of an unfilled cache slot (never visible)
 
 
-# impl name -> callable taking canonical arguments (see `landmark_attention`).
-IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = dispatch.implementations(
-    "ops.landmark", "landmark_attention", reference, xla, pallas_tpu, pallas_gpu)
+def _pallas(*args, interpret: bool, **kwargs) -> jax.Array:
+  """impl="pallas": the kernel of the current backend (the TPU kernel, interpreted, on CPU)."""
+  backend = dispatch.pallas_backend("ops.landmark", interpret)
+  kernel = {"tpu": pallas_tpu.landmark_attention, "gpu": pallas_gpu.landmark_attention}[backend]
+  return kernel(*args, interpret=interpret, **kwargs)
+
+
+# impl name -> implementation. Each takes (q, k, v, *, q_positions, kv_positions, segment_ids,
+# kv_segment_ids, block_size, scale) in canonical form, plus the options of `dispatch.impl_options`:
+# block_sizes ("xla", Pallas) and interpret (Pallas).
+IMPLEMENTATIONS = {
+    "reference": reference.landmark_attention,
+    "xla": xla.landmark_attention,
+    "pallas": _pallas,
+    "pallas_tpu": pallas_tpu.landmark_attention,
+    "pallas_gpu": pallas_gpu.landmark_attention,
+}
 # Implementations that need the slot layout (slot j holds position j or EMPTY_SLOT).
 _SLOT_LAYOUT_IMPLS = ("xla", "pallas", "pallas_tpu", "pallas_gpu")
 
@@ -52,17 +65,14 @@ def _check_slot_layout(kv_positions: Any, impl: str) -> None:
 
 @functools.partial(jax.jit, static_argnames=("impl", "block_size", "scale", "block_sizes",
                                              "interpret"))
-def _canonical_call(q, k, v, segment_ids, kv_segment_ids, q_positions, kv_positions, *, impl,
-                    block_size, scale, block_sizes, interpret):
-  """Fills defaults, brings every argument to the canonical form the implementations take, calls impl.
-
-  Jitted so that the small canonicalisation ops never run (and compile) one by one in eager mode.
-  """
+def _call(q, k, v, segment_ids, kv_segment_ids, q_positions, kv_positions, *, impl, block_size, scale,
+          block_sizes, interpret):
+  """The op's one jit: brings the arguments to canonical form and runs IMPLEMENTATIONS[impl]."""
   b, t = q.shape[:2]
   s = k.shape[1]
   seq = validation.sequence_args(b, t, s, q_positions, kv_positions, segment_ids, kv_segment_ids)
   return IMPLEMENTATIONS[impl](q, k, v, **seq, block_size=block_size, scale=scale,
-                               block_sizes=block_sizes, interpret=interpret)
+                               **dispatch.impl_options(impl, block_sizes, interpret))
 
 
 def tpu_kernel_or_fallback(name: str, impl: str | None, block_size: int, interpret: bool,
@@ -157,7 +167,6 @@ def landmark_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block_size: 
     _check_slot_layout(kv_positions, name)
   if t == 0 or s == 0:  # no queries, or no keys (every row fully masked): exact zeros
     return jnp.zeros(q.shape, q.dtype)
-  return _canonical_call(q, k, v, segment_ids, kv_segment_ids, q_positions, kv_positions,
-                         impl=name, block_size=block_size,
-                         scale=d ** -0.5 if scale is None else float(scale),
-                         block_sizes=block_sizes, interpret=bool(interpret))
+  return _call(q, k, v, segment_ids, kv_segment_ids, q_positions, kv_positions, impl=name,
+               block_size=block_size, scale=d ** -0.5 if scale is None else float(scale),
+               block_sizes=block_sizes, interpret=bool(interpret))

@@ -50,8 +50,8 @@ class BlockSizes:
 
     A heuristic, not a tuned table. Each tile materialises a few [block_q, block_kv] f32 arrays per
     (batch, head), so 256 x 256 keeps them small; short sequences use one tile. On TPU block_kv is a
-    multiple of `tpu_kv_tile(block_size)` (lanes of 128) when one exists. `dtype` is accepted for
-    future tuning and ignored today.
+    multiple of `tpu_kv_tile(block_size)` (lanes of 128) when one exists. `dtype` does not change
+    the choice.
 
     Args:
       q_len: number of queries T.
@@ -64,7 +64,7 @@ class BlockSizes:
     Returns:
       A `BlockSizes` whose block_kv is a multiple of block_size.
     """
-    del dtype  # Not used yet.
+    del dtype  # Same tiles for every dtype.
     block_q = 128 if head_dim > 128 else 256
     block_kv = block_size * max(1, 256 // block_size)
     tpu_tile = cls.tpu_kv_tile(block_size)

@@ -2,7 +2,8 @@
 
 Same maths as `ops.landmark.xla` (equations in its docstring; spec §2.2 closed form); the per-tile pieces
 live in `ops.landmark.tile_math`, shared with the GPU kernel. Layout inside the kernels is [B, H, L, D];
-the wrapper pads, transposes and calls them through `ops.pallas_common.TpuFlashLayout` (as attention).
+`ops.flash_layout.TpuFlashLayout` pads and transposes the operands (as for attention), and this file's
+wrapper builds the BlockSpecs and runs the three `pallas_call`s.
 
 Key tiles are whole landmark blocks (block_kv a multiple of block_size; block_kv == block_size is the
 Triton design of spec §2.5). Per (query tile, key tile): earlier blocks get a local softmax over their
@@ -18,10 +19,9 @@ Grids (b, h, outer, inner) with the reduction axis innermost ("arbitrary"):
 Tiles with no visible key skip their matmuls (`pl.when`). Padded query rows get segment -1 and padded keys
 segment -2 and position EMPTY_SLOT, so padding is invisible.
 
-Validation: interpret mode only (`interpret=True` -> `pltpu.InterpretParams()` on CPU, how CI tests it).
-No TPU was available to this project, so the kernels have never been compiled by Mosaic; on a real TPU
-block_q must be a multiple of 8 and block_kv a multiple of 128 (the (8, 128) tiling of the [1, block_kv]
-position blocks), i.e. landmark block sizes dividing a multiple of 128 (64 and 128 do).
+`interpret=True` runs the kernels on CPU through `pltpu.InterpretParams()`. On a real TPU block_q must be
+a multiple of 8 and block_kv a multiple of 128 (the (8, 128) tiling of the [1, block_kv] position
+blocks), i.e. landmark block sizes dividing a multiple of 128 (64 and 128 do).
 """
 
 import functools
@@ -29,10 +29,15 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
+from ops import flash_layout
 from ops import pallas_common
 from ops.landmark import tile_math
 from ops.landmark.block_sizes import BlockSizes
+from ops.tiling import round_up
+
+F32 = jnp.float32
 
 
 def _fwd_kernel(q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc,
@@ -112,15 +117,52 @@ def _dq_kernel(q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, q_ref, k_ref, v_ref
     dq_ref[...] = dq_sc[...]
 
 
+def _specs(lay: flash_layout.TpuFlashLayout, q_axis: int):
+  """BlockSpecs on a grid (b, h, x, y) whose query-block index is axis q_axis (2 or 3), the key-block
+  index the other one: (sequence specs [q pos, q seg, kv pos, kv seg], q [bq, D], kv [bk, D] of the
+  query head's kv head, row [bq, 1], per-query-head key [bk, D])."""
+  sq = pl.squeezed
+  g, bq, bk, d = lay.group, lay.bq, lay.bk, lay.d
+
+  def qi(idx):
+    return idx[q_axis]
+
+  def kj(idx):
+    return idx[5 - q_axis]
+
+  seq = [pl.BlockSpec((sq, bq, 1), lambda *i: (i[0], qi(i), 0)),
+         pl.BlockSpec((sq, bq, 1), lambda *i: (i[0], qi(i), 0)),
+         pl.BlockSpec((sq, 1, bk), lambda *i: (i[0], 0, kj(i))),
+         pl.BlockSpec((sq, 1, bk), lambda *i: (i[0], 0, kj(i)))]
+  q_spec = pl.BlockSpec((sq, sq, bq, d), lambda *i: (i[0], i[1], qi(i), 0))
+  kv_spec = pl.BlockSpec((sq, sq, bk, d), lambda *i: (i[0], i[1] // g, kj(i), 0))
+  row_spec = pl.BlockSpec((sq, sq, bq, 1), lambda *i: (i[0], i[1], qi(i), 0))
+  key_spec = pl.BlockSpec((sq, sq, bk, d), lambda *i: (i[0], i[1], kj(i), 0))
+  return seq, q_spec, kv_spec, row_spec, key_spec
+
+
 def _layout(q, k, q_pos, kv_pos, q_seg, kv_seg, bq, bk):
-  return pallas_common.TpuFlashLayout(q, k, q_pos, kv_pos, q_seg, kv_seg, bq, bk,
-                                      kv_pos_pad=tile_math.EMPTY_SLOT)
+  return flash_layout.TpuFlashLayout(q, k, q_pos, kv_pos, q_seg, kv_seg, bq, bk,
+                                     kv_pos_pad=tile_math.EMPTY_SLOT)
 
 
 def _forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, block_size, scale, bq, bk, interpret):
+  """(o [B, T, H, D], lse [B, H, Tp, 1] f32) from the forward kernel on grid (b, h, q block, kv block)."""
   lay = _layout(q, k, q_pos, kv_pos, q_seg, kv_seg, bq, bk)
   kernel = functools.partial(_fwd_kernel, block_size=block_size, scale=scale, num_kv_blocks=lay.nk)
-  return lay.forward(kernel, q, k, v, interpret)
+  seq, q_spec, kv_spec, row_spec, _ = _specs(lay, q_axis=2)
+  o, lse = pl.pallas_call(
+      kernel,
+      grid=(lay.b, lay.h, lay.nq, lay.nk),
+      in_specs=seq + [q_spec, kv_spec, kv_spec],
+      out_specs=[q_spec, row_spec],
+      out_shape=[jax.ShapeDtypeStruct((lay.b, lay.h, lay.tp, lay.d), q.dtype),
+                 jax.ShapeDtypeStruct((lay.b, lay.h, lay.tp, 1), F32)],
+      scratch_shapes=[pltpu.VMEM((bq, 1), F32), pltpu.VMEM((bq, 1), F32), pltpu.VMEM((bq, lay.d), F32)],
+      compiler_params=pallas_common.tpu_compiler_params(4),
+      interpret=pallas_common.tpu_interpret_params(interpret),
+  )(*lay.seq_args(), lay.q_major(q), lay.kv_major(k), lay.kv_major(v))
+  return lay.q_unpad(o), lse
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
@@ -137,13 +179,40 @@ def _flash_bwd(block_size, scale, bq, bk, interpret, res, do):
   q, k, v, q_pos, kv_pos, q_seg, kv_seg, o, lse = res
   lay = _layout(q, k, q_pos, kv_pos, q_seg, kv_seg, bq, bk)
   # D_i = <dO_i, o_i> is the row term of the top-group softmax Jacobian.
-  operands = lay.backward_operands(q, k, v, do, o, lse)
+  operands = lay.backward_operands(q, k, v, do, o, lse)  # q, k, v, dO, lse, D
   common = dict(block_size=block_size, scale=scale)
-  dk, dv = lay.dkv(functools.partial(_dkv_kernel, num_q_blocks=lay.nq, **common), operands, interpret)
-  dq = lay.dq(functools.partial(_dq_kernel, num_kv_blocks=lay.nk, **common), operands, interpret)
+  b, h, d, tp, sp = lay.b, lay.h, lay.d, lay.tp, lay.sp
+
+  # dK/dV on grid (b, h, kv block, q block): per-query-head f32 dk, dv [B, H, Sp, D]; scratch dk, dv
+  # [bk, D].
+  seq, q_spec, kv_spec, row_spec, key_spec = _specs(lay, q_axis=3)
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkv_kernel, num_q_blocks=lay.nq, **common),
+      grid=(b, h, lay.nk, lay.nq),
+      in_specs=seq + [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec],
+      out_specs=[key_spec, key_spec],
+      out_shape=[jax.ShapeDtypeStruct((b, h, sp, d), F32)] * 2,
+      scratch_shapes=[pltpu.VMEM((bk, d), F32), pltpu.VMEM((bk, d), F32)],
+      compiler_params=pallas_common.tpu_compiler_params(4),
+      interpret=pallas_common.tpu_interpret_params(interpret),
+  )(*lay.seq_args(), *operands)
+
+  # dQ on grid (b, h, q block, kv block): f32 dq [B, H, Tp, D]; scratch dq [bq, D].
+  seq, q_spec, kv_spec, row_spec, _ = _specs(lay, q_axis=2)
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, num_kv_blocks=lay.nk, **common),
+      grid=(b, h, lay.nq, lay.nk),
+      in_specs=seq + [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec],
+      out_specs=q_spec,
+      out_shape=jax.ShapeDtypeStruct((b, h, tp, d), F32),
+      scratch_shapes=[pltpu.VMEM((bq, d), F32)],
+      compiler_params=pallas_common.tpu_compiler_params(4),
+      interpret=pallas_common.tpu_interpret_params(interpret),
+  )(*lay.seq_args(), *operands)
+
   # Positions and segment ids are integer inputs: zero (None) cotangents.
-  return (dq.astype(q.dtype), lay.per_kv_head(dk).astype(k.dtype), lay.per_kv_head(dv).astype(v.dtype),
-          None, None, None, None)
+  return (lay.q_unpad(dq).astype(q.dtype), lay.per_kv_head(dk).astype(k.dtype),
+          lay.per_kv_head(dv).astype(v.dtype), None, None, None, None)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -155,11 +224,10 @@ def tile_sizes(block_sizes: BlockSizes, q_len: int, kv_len: int, block_size: int
   if block_sizes.block_kv % block_size:
     raise ValueError(f"block_sizes.block_kv ({block_sizes.block_kv}) must be a multiple of "
                      f"block_size ({block_size}).")
-  return (min(block_sizes.block_q, pallas_common.round_up(q_len, 8)),
-          min(block_sizes.block_kv, pallas_common.round_up(kv_len, block_size)))
+  return (min(block_sizes.block_q, round_up(q_len, 8)),
+          min(block_sizes.block_kv, round_up(kv_len, block_size)))
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "scale", "block_sizes", "interpret"))
 def landmark_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_positions: jax.Array,
                        kv_positions: jax.Array, segment_ids: jax.Array | None,
                        kv_segment_ids: jax.Array | None, block_size: int, scale: float,

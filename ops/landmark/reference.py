@@ -27,8 +27,6 @@ of the block ids, spec §2.8 "group-count buffer"). O(T * S) memory: for tests, 
 Call it through `ops.landmark.landmark_attention(..., impl="reference")`, which validates the arguments.
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
@@ -71,7 +69,6 @@ def _group_reduce(x: jax.Array, group: jax.Array, op) -> jax.Array:
   return jnp.moveaxis(reduced[group], 0, -1)
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "scale"))
 def weights(q: jax.Array, k: jax.Array, *, q_positions: jax.Array, kv_positions: jax.Array,
             segment_ids: jax.Array | None, kv_segment_ids: jax.Array | None, block_size: int,
             scale: float) -> jax.Array:
@@ -126,7 +123,6 @@ def weights(q: jax.Array, k: jax.Array, *, q_positions: jax.Array, kv_positions:
   return w.reshape(b, h, t, -1)
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "scale"))
 def landmark_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_positions: jax.Array,
                        kv_positions: jax.Array, segment_ids: jax.Array | None,
                        kv_segment_ids: jax.Array | None, block_size: int,

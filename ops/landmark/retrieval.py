@@ -79,6 +79,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ops.tiling import cdiv, round_up
+
 __all__ = ["retrieval_attention", "select_blocks", "stingy_landmark_positions", "stingy_block_starts",
            "GRANULARITIES"]
 
@@ -251,9 +253,9 @@ def _attend(q, cache_k, cache_v, q_positions, blocks, valid, *, block_size, top_
   is_landmark_slot = slot == lsz - 1
 
   # Local window: one aligned static-size slice per batch row covering every query's local blocks.
-  w_blocks = -(-t // lsz) + local_blocks + 1
+  w_blocks = cdiv(t, lsz) + local_blocks + 1
   w = w_blocks * lsz
-  padded_len = max(-(-s_len // lsz) * lsz, w)
+  padded_len = max(round_up(s_len, lsz), w)
   if padded_len != s_len:
     pad = ((0, 0), (0, padded_len - s_len), (0, 0), (0, 0))
     cache_k, cache_v = jnp.pad(cache_k, pad), jnp.pad(cache_v, pad)

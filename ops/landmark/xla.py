@@ -216,7 +216,6 @@ def _flash_bwd(block_size, scale, bq, bkv, res, do):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "scale", "block_sizes"))
 def landmark_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_positions: jax.Array,
                        kv_positions: jax.Array, segment_ids: jax.Array | None,
                        kv_segment_ids: jax.Array | None, block_size: int, scale: float,

@@ -4,13 +4,13 @@ Public entry: `selective_attention`. Implementations (`impl`):
   "reference": `ops.selective.reference`, materialised f32 logits and selection matrix, the test oracle.
   "xla":       `ops.selective.xla`, a scan over query blocks carrying the selection column sums
                (O(block_q * S) memory per step); reverse-mode autodiff with a checkpointed block body.
-  "pallas":    not implemented yet (raises NotImplementedError).
+  "pallas":    no kernel: raises NotImplementedError.
 
 SSA (spec §4A) needs no op: it pre-scales q and v before `ops.attention.attention` (models/attention.py).
 """
 
 import functools
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +24,12 @@ from ops.selective.block_sizes import BlockSizes
 __all__ = ["selective_attention", "BlockSizes", "IMPLEMENTATIONS"]
 
 
-IMPLEMENTATIONS: dict[str, Callable[..., tuple[jax.Array, ...]]] = {
-    **dispatch.implementations("ops.selective", "selective_attention", reference, xla),
+# impl name -> implementation. Each takes (q, k, v, *, q_positions, kv_positions, segment_ids,
+# kv_segment_ids, bos_mask, initial_column_sums, scale, selection_head, prune_threshold, memory_tau) in
+# canonical form, plus the options of `dispatch.impl_options` (block_sizes for "xla").
+IMPLEMENTATIONS = {
+    "reference": reference.selective_attention,
+    "xla": xla.selective_attention,
     "pallas": dispatch.not_implemented("ops.selective", "pallas", "xla", "reference"),
 }
 
@@ -42,10 +46,10 @@ def _check_shape(name: str, x: Any, shape: tuple[int, ...], kind: str) -> None:
 
 @functools.partial(jax.jit, static_argnames=("impl", "scale", "selection_head", "prune_threshold",
                                              "memory_tau", "block_sizes", "interpret"))
-def _canonical_call(q, k, v, segment_ids, kv_segment_ids, q_positions, kv_positions, bos_mask,
-                    initial_column_sums, *, impl, scale, selection_head, prune_threshold, memory_tau,
-                    block_sizes, interpret):
-  """Fills defaults, brings every argument to its canonical [B, L] form, calls the implementation."""
+def _call(q, k, v, segment_ids, kv_segment_ids, q_positions, kv_positions, bos_mask, initial_column_sums,
+          *, impl, scale, selection_head, prune_threshold, memory_tau, block_sizes, interpret):
+  """The op's one jit: fills defaults, brings every argument to its canonical [B, L] form and runs
+  IMPLEMENTATIONS[impl]."""
   b, t = q.shape[:2]
   s = k.shape[1]
   seq = validation.sequence_args(b, t, s, q_positions, kv_positions, segment_ids, kv_segment_ids)
@@ -56,7 +60,7 @@ def _canonical_call(q, k, v, segment_ids, kv_segment_ids, q_positions, kv_positi
   return IMPLEMENTATIONS[impl](
       q, k, v, **seq, bos_mask=bos_mask, initial_column_sums=initial_column_sums,
       scale=scale, selection_head=selection_head, prune_threshold=prune_threshold,
-      memory_tau=memory_tau, block_sizes=block_sizes, interpret=interpret)
+      memory_tau=memory_tau, **dispatch.impl_options(impl, block_sizes, interpret))
 
 
 def selective_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
@@ -99,7 +103,7 @@ def selective_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: boo
     memory_tau: None, or tau > 0 to also return masked_i = sum_{visible j} min(F_ij, tau) / tau, the
       soft count of masked keys used by the memory loss (spec §4B, [VERIFY]).
     scale: logit scale (Python float), default D ** -0.5.
-    impl: None or "" ("xla" on every backend today), "reference", "xla" or "pallas".
+    impl: None or "" ("xla" on every backend), "reference", "xla" or "pallas".
     interpret: run Pallas kernels in interpret mode (ignored by "reference" and "xla").
     block_sizes: query block of the "xla" impl, default `BlockSizes.get_default(T)`.
 
@@ -148,7 +152,7 @@ def selective_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: boo
                jnp.broadcast_to(initial_column_sums, (b, s)).astype(jnp.float32))
     outputs = (jnp.zeros(q.shape, q.dtype), columns)
     return outputs + ((jnp.zeros((b, t), jnp.float32),) if memory_tau is not None else ())
-  return _canonical_call(
+  return _call(
       q, k, v, segment_ids, kv_segment_ids, q_positions, kv_positions, bos_mask, initial_column_sums,
       impl=name, scale=d ** -0.5 if scale is None else float(scale), selection_head=int(selection_head),
       prune_threshold=None if prune_threshold is None else float(prune_threshold),

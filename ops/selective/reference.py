@@ -15,8 +15,6 @@ This is O(T * S) in memory per head; call it through `ops.selective.selective_at
 impl="reference")`, which validates and canonicalises the arguments.
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
@@ -42,8 +40,6 @@ def masked_softmax(logits: jax.Array, mask: jax.Array) -> jax.Array:
   return e / jnp.where(denom > 0.0, denom, 1.0)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "selection_head", "prune_threshold",
-                                             "memory_tau"))
 def selective_attention(q, k, v, *, q_positions, kv_positions, segment_ids, kv_segment_ids, bos_mask,
                         initial_column_sums, scale, selection_head, prune_threshold, memory_tau):
   """Materialised selective attention (equations in the module docstring).

@@ -17,32 +17,20 @@ tiles from the saved carries (nq x [B, S]) instead of storing them. Matmuls take
 float32 accumulation; softmax, S and F are float32.
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
 from ops.selective import reference
 from ops.selective.block_sizes import BlockSizes
-
-
-def _pad_rows(x: jax.Array, size: int, value=0) -> jax.Array:
-  pad = size - x.shape[1]
-  if pad == 0:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[1] = (0, pad)
-  return jnp.pad(x, widths, constant_values=value)
+from ops.tiling import cdiv, pad_axis
 
 
 def _row_tiles(x: jax.Array, bq: int, nq: int, value=0) -> jax.Array:
   """[B, T, ...] -> [nq, B, bq, ...] (T padded to nq * bq with `value`)."""
-  x = _pad_rows(x, nq * bq, value)
+  x = pad_axis(x, 1, nq * bq, value)
   return jnp.moveaxis(x.reshape(x.shape[0], nq, bq, *x.shape[2:]), 1, 0)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "selection_head", "prune_threshold",
-                                             "memory_tau", "block_sizes"))
 def selective_attention(q, k, v, *, q_positions, kv_positions, segment_ids, kv_segment_ids, bos_mask,
                         initial_column_sums, scale, selection_head, prune_threshold, memory_tau,
                         block_sizes: BlockSizes):
@@ -51,7 +39,7 @@ def selective_attention(q, k, v, *, q_positions, kv_positions, segment_ids, kv_s
   hkv = k.shape[2]
   g = h // hkv
   bq = min(block_sizes.block_q, t)
-  nq = -(-t // bq)
+  nq = cdiv(t, bq)
   q_tiles = _row_tiles(q.reshape(b, t, hkv, g, d), bq, nq)  # [nq, B, bq, Hkv, G, D]
   qpos_tiles = _row_tiles(q_positions, bq, nq)
   valid_tiles = _row_tiles(jnp.ones((b, t), bool), bq, nq, False)
