@@ -45,6 +45,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.seed = 0
   config.train.compute_dtype = "float32"  # "bfloat16" for bf16 compute (params stay fp32)
   config.train.progress_bar = True  # on a terminal only; logs plain lines otherwise
+  # (first, last): write a jax.profiler trace of those steps to <workdir>/profile (TensorBoard's profile
+  # plugin or Perfetto open it); () = no trace. E.g. --config.train.profile_steps=10,12
+  config.train.profile_steps = ()
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.lr = 3e-3  # peak learning rate

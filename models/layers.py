@@ -76,9 +76,12 @@ class DenseGeneral(nn.Module):
     init = nn.initializers.normal(stddev=self.init_scale * fan_in ** -0.5)
     kernel = self.param("kernel", nn.with_logical_partitioning(init, tuple(self.axes)),
                         tuple(in_shape) + tuple(self.features), jnp.float32)
-    contract = tuple(range(x.ndim - self.in_dims, x.ndim))
-    return jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
-                               ((contract, tuple(range(self.in_dims))), ((), ())))
+    # One 2-D matmul [rows, fan_in] x [fan_in, fan_out]: XLA:CPU runs the 3-D dot_general layout (and
+    # especially its weight gradients) through transposing copies and a slower kernel. The reshapes are
+    # free views, and the kernel keeps its logical axes, so sharding is unchanged.
+    lead = x.shape[:x.ndim - self.in_dims]
+    y = jnp.matmul(x.astype(self.dtype).reshape(-1, fan_in), kernel.astype(self.dtype).reshape(fan_in, -1))
+    return y.reshape(lead + tuple(self.features))
 
 
 class GatedMLP(nn.Module):

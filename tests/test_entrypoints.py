@@ -216,3 +216,16 @@ def test_runs_saved_before_an_eval_section_existed_get_its_defaults():
   config = evaluation.fill_eval_sections(ml_collections.ConfigDict(saved))
   cli.apply_overrides(config, ["--passkey.trials=3"])
   assert config.passkey.trials == 3 and config.mqar == base.get_config().mqar
+
+
+def test_profile_steps_write_a_trace(tmp_path):
+  train = _load_script("train")
+  workdir = str(tmp_path / "profiled")
+  assert train.main(["train.py", f"--config={REPO_ROOT}/configs/tiny.py", f"--workdir={workdir}",
+                     "--config.train.steps=4", "--config.train.profile_steps=2,3"]) == 0
+  assert glob.glob(os.path.join(workdir, "profile", "**", "*.xplane.pb"), recursive=True)
+  assert glob.glob(os.path.join(workdir, "profile", "**", "*.trace.json.gz"), recursive=True)
+  bad = str(tmp_path / "bad")
+  assert train.main(["train.py", f"--config={REPO_ROOT}/configs/tiny.py", f"--workdir={bad}",
+                     "--config.train.profile_steps=3,2"]) == 1
+  assert not os.path.exists(os.path.join(bad, "checkpoints"))

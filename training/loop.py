@@ -198,13 +198,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       logger.write(step, {f"eval/{k}": v for k, v in result.items() if k != "sample"})
       return result
 
+    profile = tuple(t.get("profile_steps", ()))
     stopped_by = None
     with _StopSignal(install=jax.process_count() == 1) as stop:
       step = start
       while step < t.steps:
+        if profile and step + 1 == profile[0]:
+          jax.profiler.start_trace(os.path.join(workdir, "profile"), create_perfetto_trace=True)
         batch = sharding.global_batch(next(data_iter), mesh)
         state, metrics = train_jit(state, batch)
         step += 1
+        if profile and step == profile[1]:
+          jax.block_until_ready(state)
+          jax.profiler.stop_trace()
+          progress.write(f"wrote a profile of steps {profile[0]}-{profile[1]} to {workdir}/profile")
         report(step_metrics.push(step, metrics))
         if t.eval_every and step % t.eval_every == 0 and step < t.steps:
           result = evaluate(step)

@@ -32,6 +32,11 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   if t.compute_dtype not in layers.DTYPES:
     raise ConfigError(f"train.compute_dtype must be one of {sorted(layers.DTYPES)}, got {t.compute_dtype!r}.")
   config.model.dtype = t.compute_dtype
+  profile = tuple(t.get("profile_steps", ()))
+  if profile and not (len(profile) == 2 and all(isinstance(s, int) for s in profile)
+                      and 1 <= profile[0] <= profile[1]):
+    raise ConfigError(f"train.profile_steps must be two steps (first, last) with 1 <= first <= last, "
+                      f"got {t.profile_steps!r}.")
   if isinstance(config.data.paths, str):  # --config.data.paths=a.txt gives a string
     config.data.paths = (config.data.paths,)
   _check_kernels_can_run(config.model)
