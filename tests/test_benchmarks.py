@@ -23,3 +23,14 @@ def test_train_loop_benchmark_reports_the_loop_s_step_time(repo_root):
   rows = re.findall(r"^\| (\d) \| ([\d.]+) \| ([\d,]+) \| (\d+) \|", report, flags=re.M)
   assert [r[0] for r in rows] == ["1"] and int(rows[0][3]) == 3, report  # 4 log windows, the first dropped
   assert all(float(r[1]) > 0 for r in rows) and "median over runs:" in report
+
+
+def test_train_step_benchmark_reports_the_split_rates_and_top_ops(repo_root, capsys):
+  from benchmarks import train_step
+  assert train_step.main(["train_step", f"--config={repo_root}/configs/tiny.py", "--repeats=1", "--warmup=1",
+                          "--profile_steps=1", "--top_ops=3"]) == 0
+  report = capsys.readouterr().out
+  for row in ("| train step (compiled) |", "| forward + backward |", "| model FLOP/s",
+              "| matmul rate at [128, 32] x [32, 64] and back, f32 |", "| model FLOP/s / f32 matmul rate |"):
+    assert row in report, report
+  assert len(re.findall(r"^\| \S+ \| [\d.]+ \| [\d.]+% \|$", report, flags=re.M)) == 6, report  # 3 + 3 kinds
