@@ -192,9 +192,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                  f"stopped without saving, {_last_good(checkpointer)}.")
       checkpointer.save(step, state, data_iter, config_dict)
 
-    def evaluate(step):
+    def evaluate(step, max_batches=None):
       report(step_metrics.flush())
-      result = bpb_task.evaluate_bpb(eval_jit, state.params, config, mesh, batch_format=family.batch_format)
+      result = bpb_task.evaluate_bpb(eval_jit, state.params, config, mesh, batch_format=family.batch_format,
+                                     max_batches=max_batches)
       logger.write(step, {f"eval/{k}": v for k, v in result.items() if k != "sample"})
       return result
 
@@ -233,7 +234,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
               f"Re-run the same command to resume.", flush=True)
       final_metrics = {"step": step, "stopped_by": stopped_by}
     else:
-      result = evaluate(step)
+      result = evaluate(step, config.eval.get("final_max_batches", config.eval.max_batches))
       progress.close()
       final_metrics = {"step": step, **{f"eval/{k}": v for k, v in result.items()}}
       if is_main:

@@ -31,6 +31,7 @@ SEQ_LEN = 128
 def _run_config(mixer: str) -> ml_collections.ConfigDict:
   config = base.get_config()
   config.train.seq_len = SEQ_LEN
+  config.train.compute_dtype = "float32"
   config.model = ml_collections.ConfigDict(model_testing.tiny_model_config(mixer, num_layers=1).to_dict())
   config.passkey.update(lengths=(2,), trials=3, batch_size=2, max_new_bytes=4)  # 2 batches, one padded
   config.mqar.update(num_pairs=(2, 8), num_examples=6, batch_size=4)
