@@ -74,9 +74,9 @@ def _last_good(checkpointer: ckpt_lib.Checkpointer) -> str:
 
 def _split_bytes(data_config: Any) -> dict[str, int | None]:
   """Bytes per split for the start line (None for synthetic sources)."""
-  if data_config.source == "mqar":
-    return {split: None for split in ("train", "valid", "test")}
-  return {split: int(np.count_nonzero(byte_vocab.is_byte_id(corpora.load_stream(data_config, split))))
+  synthetic = data_config.source in corpora.SYNTHETIC_SOURCES
+  return {split: None if synthetic else
+          int(np.count_nonzero(byte_vocab.is_byte_id(corpora.load_stream(data_config, split))))
           for split in ("train", "valid", "test")}
 
 
@@ -94,7 +94,6 @@ class _StepMetrics:
   def __init__(self, checkpointer: ckpt_lib.Checkpointer):
     self._checkpointer = checkpointer
     self._pending: tuple[int, Any] | None = None
-    self.last: tuple[int, dict[str, float]] | None = None  # the newest step read, and its metrics
 
   def push(self, step: int, metrics: Any) -> tuple[int, dict[str, float]] | None:
     """Queues step's (device) metrics; returns the previous step's, read now, if any."""
@@ -117,8 +116,7 @@ class _StepMetrics:
               f"the gradient norm became {grad_norm} (loss {loss:.4f})")
       raise NonFiniteLossError(f"{what} at step {step}; stopped without saving, "
                                f"{_last_good(self._checkpointer)}.")
-    self.last = (step, values)
-    return self.last
+    return step, values
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

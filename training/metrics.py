@@ -258,6 +258,15 @@ def _plain_every(total: int | None) -> int:
   return max(1, math.ceil(_PLAIN_FRACTION * total))
 
 
+def _write_line(stream: TextIO, bar: "tqdm.tqdm | None", msg: str) -> None:
+  """msg on its own line: through tqdm when a bar is drawn (it clears the bar and redraws it below)."""
+  if bar is not None:
+    tqdm.tqdm.write(msg, file=stream)
+  else:
+    stream.write(msg + "\n")
+  stream.flush()
+
+
 class ProgressBar:
   """Training progress by step, on tqdm.
 
@@ -345,13 +354,8 @@ class ProgressBar:
 
   def write(self, msg: str) -> None:
     """Prints a message on its own line without corrupting the bar."""
-    if not self.enabled:
-      return
-    if self._bar is not None:
-      tqdm.tqdm.write(msg, file=self.stream)  # clears the bar, redraws it below
-    else:
-      self.stream.write(msg + "\n")
-    self.stream.flush()
+    if self.enabled:
+      _write_line(self.stream, self._bar, msg)
 
   def close(self) -> None:
     """Ends the bar's line; further updates are ignored."""
@@ -421,13 +425,8 @@ class Progress:
 
   def write(self, msg: str) -> None:
     """Prints a message on its own line without corrupting the bar."""
-    if not self.enabled:
-      return
-    if self._bar is not None:
-      tqdm.tqdm.write(msg, file=self.stream)
-    else:
-      self.stream.write(msg + "\n")
-    self.stream.flush()
+    if self.enabled:
+      _write_line(self.stream, self._bar, msg)
 
   def _amount(self, n: float) -> str:
     if self.unit_scale:
