@@ -1,6 +1,7 @@
-"""Batches of packed byte windows for training (grain) and evaluation (numpy).
+"""Batches for training (grain) and evaluation (numpy), in two formats (BATCH_FORMATS): packed byte
+windows ("causal_lm", below) and T5 span corruption ("span_corruption", further below).
 
-Every batch is a dict of [b, L] arrays:
+A "causal_lm" batch is a dict of [b, L] arrays:
   inputs, targets: int32 ids, targets[t] = the stream id after inputs[t].
   segment_ids: int32, 1 for the first document in the window, +1 on the token
     after each EOS in inputs (an EOS belongs to the document it ends); 0 = padding.
@@ -33,6 +34,32 @@ eval_scored_bytes returns the bytes of the weighted targets in scoring order (EO
 dropped), so its length is the sum of the eval weights, for compressor baselines
 (data/compressors.py).
 
+Span corruption (batch_format "span_corruption", T5 / ByT5 encoder-decoders; data/span_corruption.py,
+../shared/specs/token_free.md §2.4; options ``data.span_corruption.noise_density`` (0.15) and
+``.mean_noise_span_length`` (20)). seq_len is the encoder input length L; span_corruption.lengths(L)
+gives the raw chunk length R and the target length T (L = 1024: R = 1193, T = 189). A split's raw
+bytes are its load_stream ids with the EOS separators dropped (T5 joins documents without them, spec
+§17.1), cut into non-overlapping chunks of R ids. Every batch is a dict of arrays:
+  inputs: int32 [b, L], the encoder ids: non-noise bytes, one sentinel 258 - i per noise span i, EOS,
+    then PAD up to L (a whole chunk fills all of L, or all but one id; a short eval chunk less).
+  targets: int32 [b, T], sentinel i then span i's bytes for every span, EOS, then PAD.
+  decoder_inputs: int32 [b, T], targets shifted right with start id 0 (PAD).
+  weights: float32 [b, T]; train: 1 on every non-pad target (sentinels and EOS included, as T5 trains);
+    eval: 1 only on the real byte targets (the noise bytes), so bits per byte counts bytes.
+  special_weights: float32 [b, T], 1 on the sentinel and EOS targets (reported apart in eval).
+Training: the chunk indices are shuffled, repeated, batched and process-sharded exactly as the windows
+above (the same code), so the iterator state is the same one index. Row r of local batch k on process
+p is global example e = (k * P + p) * b + r, the same e a 1-process run gives that row, and its noise
+mask is drawn from np.random.default_rng([train seed, e]): a function of the position in the stream,
+so a resumed iterator redraws exactly the same masks, a chunk gets a new mask every epoch, and the P
+processes' batches concatenate to the 1-process batch. Evaluation (eval_batches, eval_scored_bytes):
+chunk c of the split (c = 0..C-1, C = ceil(raw bytes / R), every byte in exactly one chunk) gets the
+fixed mask of default_rng([0, c]); the whole split in order, or with max_batches > 0 the chunks
+eval_window_indices(C, batch_size, max_batches) as for the windows. The last chunk may be shorter than R:
+it is corrupted with span_corruption.span_counts of its own length (fewer noise bytes and spans, so its
+inputs and targets are padded), not padded with fake bytes. The last batch gets all-pad rows (weights
+0). eval_scored_bytes returns the weighted targets' bytes (the noise bytes) in scoring order.
+
 Synthetic source ``mqar`` (data/synthetic.py, options ``data.mqar``): training example
 i is a function of (train.seed, i), batched and sharded exactly as the windows above
 (without shuffling: the examples are already random); eval batches of split s are the
@@ -40,6 +67,7 @@ first ``data.mqar.eval_examples`` examples of stream s (seed 0). Weights mark on
 the query-value targets, so "bits per byte" is then bits per answer.
 """
 
+import dataclasses
 from typing import Any, Iterator
 
 import grain
@@ -47,6 +75,7 @@ import numpy as np
 
 from data import bytes as byte_vocab
 from data import corpora
+from data import span_corruption
 from data import synthetic
 
 Batch = dict[str, np.ndarray]
@@ -143,10 +172,105 @@ def _check_mqar_seq_len(pairs: tuple[int, ...], seq_len: int) -> None:
                             f"(4 bytes per pair), got {seq_len}.")
 
 
-# Batch layouts a model family can ask for (models/family.py `batch_format`); "causal_lm" is the packed
-# windows of this module's docstring. A new layout (e.g. span corruption for encoder-decoders) is a new
-# name here with its builders.
-BATCH_FORMATS = ("causal_lm",)
+def _check_not_synthetic(source: str, batch_format: str) -> None:
+  if source in corpora.SYNTHETIC_SOURCES:
+    raise corpora.DataError(f"data.source {source!r} is synthetic and has no text to corrupt; "
+                            f"{batch_format!r} batches need a text source ({', '.join(corpora.SOURCES)}).")
+
+
+def _span_config(data_config: Any, seq_len: int) -> tuple[span_corruption.SpanLengths, float, float]:
+  """(lengths for encoder length seq_len, noise_density, mean_noise_span_length) of data.span_corruption."""
+  options = getattr(data_config, "span_corruption", None)  # absent: the T5 defaults
+  density = float(getattr(options, "noise_density", 0.15))
+  mean = float(getattr(options, "mean_noise_span_length", 20.0))
+  return span_corruption.lengths(seq_len, density, mean), density, mean
+
+
+def _raw_bytes(data_config: Any, split: str) -> np.ndarray:
+  """The split's byte ids without EOS separators: T5 joins documents without them (spec §17.1)."""
+  stream = corpora.load_stream(data_config, split)
+  return stream[stream != byte_vocab.EOS_ID]
+
+
+def _span_features(chunks: list[np.ndarray], seeds: list[list[int]], batch_size: int, seq_len: int,
+                   sizes: span_corruption.SpanLengths, density: float, mean: float,
+                   eval_weights: bool) -> Batch:
+  """Row i is chunks[i] span-corrupted with the noise mask of np.random.default_rng(seeds[i]).
+
+  A chunk shorter than sizes.raw_length gets span_counts of its own length; rows past len(chunks)
+  are all padding (weights 0).
+  """
+  inputs = np.zeros((batch_size, seq_len), np.int32)
+  targets = np.zeros((batch_size, sizes.targets_length), np.int32)
+  special = np.zeros((batch_size, sizes.targets_length), bool)
+  for row, (chunk, seed) in enumerate(zip(chunks, seeds)):
+    num_noise, num_spans = span_corruption.span_counts(len(chunk), density, mean)
+    mask = span_corruption.random_spans_noise_mask(len(chunk), num_noise, num_spans,
+                                                   np.random.default_rng(seed))
+    row_inputs, row_targets, is_sentinel = span_corruption.corrupt_with_sentinels(chunk, mask)
+    inputs[row, :len(row_inputs)] = row_inputs
+    targets[row, :len(row_targets)] = row_targets
+    special[row, :len(row_targets)] = is_sentinel | (row_targets == byte_vocab.EOS_ID)
+  decoder_inputs = np.zeros_like(targets)  # start id 0 (PAD), then the targets shifted right
+  decoder_inputs[:, 1:] = targets[:, :-1]
+  real = targets != byte_vocab.PAD_ID
+  return {
+      "inputs": inputs,
+      "targets": targets,
+      "decoder_inputs": decoder_inputs,
+      "weights": ((real & ~special) if eval_weights else real).astype(np.float32),
+      "special_weights": special.astype(np.float32),
+  }
+
+
+def _span_seed(seed: int, index: int) -> list[int]:
+  """The np.random.default_rng seed of a noise mask: [seed mod 2**63, example or chunk index]."""
+  return [int(seed) % 2**63, int(index)]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: never compares or hashes the array
+class _TrainSpanRows:
+  """Maps (local batch index, [b] chunk indices) to a span corruption train batch (picklable for grain).
+
+  Row r of local batch k on process p is global example e = (k * P + p) * b + r of the train stream
+  (process-major, as the windows), and its noise mask is drawn from np.random.default_rng([seed, e]).
+  """
+  raw: np.ndarray  # the train split's byte ids, EOS separators dropped
+  seq_len: int
+  sizes: span_corruption.SpanLengths
+  density: float
+  mean: float
+  seed: int
+  local_batch: int
+  process_index: int
+  process_count: int
+
+  def __call__(self, batch_index: int, chunk_ids: np.ndarray) -> Batch:
+    first = (int(batch_index) * self.process_count + self.process_index) * self.local_batch
+    raw_length = self.sizes.raw_length
+    chunks = self.raw[np.asarray(chunk_ids, np.int64)[:, None] * raw_length + np.arange(raw_length)]
+    seeds = [_span_seed(self.seed, first + r) for r in range(len(chunks))]
+    return _span_features(list(chunks), seeds, len(chunks), self.seq_len, self.sizes, self.density,
+                          self.mean, eval_weights=False)
+
+
+def _span_eval_batches(data_config: Any, split: str, seq_len: int, batch_size: int,
+                       max_batches: int) -> Iterator[Batch]:
+  """Span corruption eval batches of `split` (module docstring); chunk c's mask seed is [0, c]."""
+  sizes, density, mean = _span_config(data_config, seq_len)
+  raw = _raw_bytes(data_config, split)
+  n = sizes.raw_length
+  chunks = eval_window_indices(-(-len(raw) // n), batch_size, max_batches)
+  for k in range(-(-len(chunks) // batch_size)):
+    rows = chunks[k * batch_size:(k + 1) * batch_size]
+    yield _span_features([raw[c * n:(c + 1) * n] for c in rows], [_span_seed(0, c) for c in rows],
+                         batch_size, seq_len, sizes, density, mean, eval_weights=True)
+
+
+# Batch layouts a model family can ask for (models/family.py `batch_format`): "causal_lm" is the packed
+# windows and "span_corruption" the T5 encoder-decoder batches of this module's docstring. A new layout is
+# a new name here with its builders.
+BATCH_FORMATS = ("causal_lm", "span_corruption")
 
 
 def check_batch_format(batch_format: str) -> None:
@@ -160,7 +284,10 @@ def make_train_dataset(data_config: Any, *, seq_len: int, global_batch_size: int
                        batch_format: str = "causal_lm") -> grain.IterDataset:
   """Returns an infinite grain IterDataset of this process's train batches.
 
-  Each element is a Batch of [global_batch_size // process_count, seq_len] arrays.
+  Each element is a Batch of b = global_batch_size // process_count rows: [b, seq_len] arrays for
+  "causal_lm"; for "span_corruption" inputs [b, seq_len] (seq_len is the encoder length) and
+  targets, decoder_inputs, weights, special_weights [b, span_corruption.lengths(seq_len).targets_length]
+  (module docstring). Synthetic sources have no span corruption batches (DataError).
   """
   check_batch_format(batch_format)
   if seq_len < 1 or global_batch_size < 1:
@@ -173,7 +300,19 @@ def make_train_dataset(data_config: Any, *, seq_len: int, global_batch_size: int
     raise corpora.DataError(f"the global batch size {global_batch_size} does not divide "
                             f"evenly over {process_count} processes.")
   local_batch = global_batch_size // process_count
-  if getattr(data_config, "source", "bundled") == "mqar":
+  source = getattr(data_config, "source", "bundled")
+  if batch_format == "span_corruption":
+    _check_not_synthetic(source, batch_format)
+    sizes, density, mean = _span_config(data_config, seq_len)
+    raw = _raw_bytes(data_config, "train")
+    num_chunks = len(raw) // sizes.raw_length
+    ds = _train_index_batches(
+        data_config, num_chunks, global_batch_size, seed, process_index, process_count,
+        what=(f"the train split has {len(raw)} bytes (EOS separators dropped), only {num_chunks} chunks "
+              f"of {sizes.raw_length} raw bytes (span corruption of seq_len = {seq_len})"))
+    return ds.map_with_index(_TrainSpanRows(raw, seq_len, sizes, density, mean, seed, local_batch,
+                                            process_index, process_count)).to_iter_dataset(_READ_OPTIONS)
+  if source == "mqar":
     mqar, pairs = _mqar_config(data_config)
     _check_mqar_seq_len(pairs, seq_len)
     ds = grain.MapDataset.range(2**62).batch(local_batch, drop_remainder=True)  # endless in practice
@@ -181,19 +320,31 @@ def make_train_dataset(data_config: Any, *, seq_len: int, global_batch_size: int
     return ds.map(_MqarRows(mqar, seq_len, seed)).to_iter_dataset(_READ_OPTIONS)
   stream = corpora.load_stream(data_config, "train")
   num_windows = len(stream) // (seq_len + 1)
-  if num_windows < global_batch_size:
-    raise corpora.DataError(
-        f"the train split has {len(stream)} ids, only {num_windows} windows of "
-        f"seq_len + 1 = {seq_len + 1}, fewer than one global batch of {global_batch_size}; "
-        "use a larger corpus, a smaller batch or a shorter seq_len.")
-  ds = grain.MapDataset.range(num_windows)
-  if getattr(data_config, "shuffle", True):
-    ds = ds.shuffle(seed=_shuffle_seed(seed))
-  ds = ds.repeat(None).batch(local_batch, drop_remainder=True)
-  ds = ds[process_index::process_count]  # process-major: see the module docstring
+  ds = _train_index_batches(
+      data_config, num_windows, global_batch_size, seed, process_index, process_count,
+      what=f"the train split has {len(stream)} ids, only {num_windows} windows of seq_len + 1 = "
+           f"{seq_len + 1}")
   ds = ds.map(_TrainWindows(stream, seq_len, bool(getattr(data_config, "segment_documents",
                                                           True))))
   return ds.to_iter_dataset(_READ_OPTIONS)
+
+
+def _train_index_batches(data_config: Any, num_items: int, global_batch_size: int, seed: int,
+                         process_index: int, process_count: int, what: str) -> grain.MapDataset:
+  """This process's endless batches [global_batch_size // process_count] of item indices.
+
+  range(num_items), shuffled per epoch (data.shuffle), repeated, batched and sharded process-major
+  (module docstring). `what` describes the items for the too-small error.
+  """
+  if num_items < global_batch_size:
+    raise corpora.DataError(
+        f"{what}, fewer than one global batch of {global_batch_size}; "
+        "use a larger corpus, a smaller batch or a shorter seq_len.")
+  ds = grain.MapDataset.range(num_items)
+  if getattr(data_config, "shuffle", True):
+    ds = ds.shuffle(seed=_shuffle_seed(seed))
+  ds = ds.repeat(None).batch(global_batch_size // process_count, drop_remainder=True)
+  return ds[process_index::process_count]  # process-major: see the module docstring
 
 
 def make_train_iterator(data_config: Any, *, seq_len: int, global_batch_size: int, seed: int,
@@ -244,12 +395,20 @@ def eval_batches(data_config: Any, split: str, *, seq_len: int, batch_size: int,
   at most max_batches batches: when the split has more windows than max_batches * batch_size,
   that many windows evenly spread over the whole split (eval_window_indices), not the first
   ones. MQAR sources yield their first eval examples instead (module docstring).
+  "span_corruption" yields the split's raw chunks corrupted with fixed masks instead, with
+  "weights" on the real byte targets and "special_weights" on the sentinel and EOS targets (module
+  docstring).
   """
   check_batch_format(batch_format)
   if seq_len < 1 or batch_size < 1:
     raise corpora.DataError(f"seq_len ({seq_len}) and the eval batch size ({batch_size}) "
                             "must be positive.")
-  if getattr(data_config, "source", "bundled") == "mqar":
+  source = getattr(data_config, "source", "bundled")
+  if batch_format == "span_corruption":
+    _check_not_synthetic(source, batch_format)
+    yield from _span_eval_batches(data_config, split, seq_len, batch_size, max_batches)
+    return
+  if source == "mqar":
     yield from _mqar_eval_batches(data_config, split, seq_len, batch_size, max_batches)
     return
   ids, windows = _eval_plan(data_config, split, seq_len, batch_size, max_batches)
@@ -266,20 +425,27 @@ def eval_batches(data_config: Any, split: str, *, seq_len: int, batch_size: int,
 
 
 def eval_scored_bytes(data_config: Any, split: str, *, seq_len: int, batch_size: int,
-                      max_batches: int = 0) -> bytes:
+                      max_batches: int = 0, batch_format: str = "causal_lm") -> bytes:
   """The bytes that eval_batches (same arguments) scores, in scoring order, concatenated.
 
   Exactly the weighted targets: the scored windows' targets in window order with the EOS
   separators dropped (they are not bytes and carry no weight), so len(result) equals the sum of
   the weights over eval_batches. For the whole split (max_batches = 0, or a cap that covers
   every window) that is b"".join(corpora.load_documents(split)); for a spread sample it is the
-  sampled windows' bytes back to back. Compressor baselines compress this one string
-  (data/compressors.py). Raises DataError for synthetic sources, which have no text.
+  sampled windows' bytes back to back. For "span_corruption" it is the scored chunks' noise bytes
+  (the targets without sentinels and EOS) in scoring order. Compressor baselines compress this one
+  string (data/compressors.py). Raises DataError for synthetic sources, which have no text.
   """
+  check_batch_format(batch_format)
   source = getattr(data_config, "source", "bundled")
   if source in corpora.SYNTHETIC_SOURCES:
     raise corpora.DataError(f"data.source {source!r} is synthetic: its eval targets are not text, so "
                             "there are no scored bytes to compress.")
+  if batch_format == "span_corruption":
+    return b"".join(
+        (b["targets"][b["weights"] > 0] - byte_vocab.BYTE_OFFSET).astype(np.uint8).tobytes()
+        for b in eval_batches(data_config, split, seq_len=seq_len, batch_size=batch_size,
+                              max_batches=max_batches, batch_format=batch_format))
   ids, windows = _eval_plan(data_config, split, seq_len, batch_size, max_batches)
   num_windows = -(-(len(ids) - 1) // seq_len)
   if len(windows) == num_windows:
