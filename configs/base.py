@@ -29,6 +29,7 @@ LOGICAL_AXIS_RULES = (
     ("mlp", "tensor"),
     ("layers", None),
     ("norm", None),
+    ("relative_buckets", None),  # T5 relative-position bias tables [heads, buckets]
 )
 
 
@@ -62,7 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.grad_clip = 1.0  # global-norm clip; 0 disables
 
   config.model = ml_collections.ConfigDict()
-  config.model.name = "transformer"  # model family (models/family.py): transformer | landmark_lm
+  config.model.name = "transformer"  # model family (models/family.py): transformer | landmark_lm | byt5
   # Token mixer: a name, or a list with one name per layer (e.g. Cog keeps softmax in the first/last layer).
   # Typed `object` so configs and --config.model.mixer overrides may replace the name by a list.
   config.model.mixer = ml_collections.FieldReference("softmax", field_type=object)
@@ -91,6 +92,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.shuffle = True
   config.data.segment_documents = True  # packed documents get segment ids (no cross-document attention)
   config.data.max_corpus_bytes = 0  # 0 = no cap; cap the train split (bytes) for quick experiments
+  # Span corruption (encoder-decoders, batch format "span_corruption"; data/span_corruption.py, T5 / ByT5
+  # spec §2.4): train.seq_len is then the encoder input length and the target length follows from these.
+  config.data.span_corruption = ml_collections.ConfigDict()
+  config.data.span_corruption.noise_density = 0.15
+  config.data.span_corruption.mean_noise_span_length = 20.0
   config.data.mqar = ml_collections.ConfigDict()  # data.source=mqar (configs/mqar.py)
   config.data.mqar.num_pairs = (4, 8, 16)  # key-value pairs per sequence, drawn uniformly per sequence
   config.data.mqar.eval_examples = 256  # sequences per eval split (valid / test) for bits per answer

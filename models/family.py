@@ -13,6 +13,13 @@ on the name; it only calls the methods below. A family declares:
                  (sum of -ln p over those targets, which gives bits per byte). Optional: "aux_loss"
                  (auxiliary terms, already included in the objective), "correct" (argmax hits, evaluation).
   generate       new ids [B, max_new] after prompts [B, P] (greedy or sampled).
+  aux state      optional state that is neither a parameter nor optimizer state (MrT5's PI controller):
+                 `init_aux_state()` gives it, the train step passes it to `loss(..., aux_state=)` and
+                 replaces it by `update_aux_state(aux_state, metric_sums)` after the update; it lives in
+                 the train state, so checkpoints and resume carry it.
+  summarize      derived metrics from metric sums (e.g. a deletion rate = deleted / gated), shown in the
+                 train logs and the bpb results; the sums named in `count_keys` are not reported as
+                 per-target means.
 
 How the planned families fit without touching the loop:
 
@@ -55,6 +62,7 @@ class ModelFamily:
 
   batch_format: str = "causal_lm"
   eval_tasks: tuple[str, ...] = ("bpb",)
+  count_keys: tuple[str, ...] = ()  # metric sums that are counts for `summarize`, not per-target means
 
   def __init__(self, config: Any):
     self.config = freeze(config)
@@ -71,9 +79,27 @@ class ModelFamily:
     raise NotImplementedError
 
   def loss(self, params: Any, batch: dict[str, jax.Array], *, rng: jax.Array | None = None,
-           train: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """(objective sum, {"weight", "nll", ...} sums) as f32 scalars; differentiable in params."""
+           train: bool = True, aux_state: Any = None, step: jax.Array | None = None
+           ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(objective sum, {"weight", "nll", ...} sums) as f32 scalars; differentiable in params.
+
+    `aux_state` is the family's aux state (training; None at evaluation), `step` the optimizer step.
+    """
     raise NotImplementedError
+
+  def init_aux_state(self) -> Any:
+    """The family's aux state at step 0 (a pytree of arrays; {} = none)."""
+    return {}
+
+  def update_aux_state(self, aux_state: Any, sums: dict[str, jax.Array]) -> Any:
+    """The aux state after a train step whose metric sums are `sums`."""
+    del sums
+    return aux_state
+
+  def summarize(self, sums: dict[str, Any]) -> dict[str, Any]:
+    """Derived metrics {name: value} from metric sums (train step or a whole evaluation)."""
+    del sums
+    return {}
 
   def generate(self, params: Any, prompt: jax.Array, rng: jax.Array, *, max_new: int,
                temperature: float = 0.0, top_k: int = 0) -> jax.Array:

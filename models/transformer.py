@@ -176,8 +176,9 @@ class TransformerFamily(ModelFamily):
     return self.module().init(rng, batch["inputs"])["params"]
 
   def loss(self, params: Any, batch: dict[str, jax.Array], *, rng: jax.Array | None = None,
-           train: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
-    del rng  # no dropout
+           train: bool = True, aux_state: Any = None, step: jax.Array | None = None
+           ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    del rng, aux_state, step  # no dropout, no aux state
     logits, sown = self.module().apply({"params": params}, batch["inputs"], batch.get("segment_ids"),
                                        batch.get("positions"), mutable=[LOSSES_COLLECTION])
     return causal_lm_loss(logits, batch, sown, train=train)

@@ -193,7 +193,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     def evaluate(step, max_batches=None):
       report(step_metrics.flush())
       result = bpb_task.evaluate_bpb(eval_jit, state.params, config, mesh, batch_format=family.batch_format,
-                                     max_batches=max_batches)
+                                     max_batches=max_batches, summarize=family.summarize)
       logger.write(step, {f"eval/{k}": v for k, v in result.items() if k != "sample"})
       return result
 

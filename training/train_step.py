@@ -18,6 +18,7 @@ class TrainState:
   step: jax.Array  # int32 scalar: optimizer steps taken
   params: Any
   opt_state: Any
+  aux_state: Any = flax.struct.field(default_factory=dict)  # the family's (models/family.py)
 
 
 def learning_rate_schedule(opt_config: Any, total_steps: int) -> optax.Schedule:
@@ -56,7 +57,8 @@ def init_train_state(family: ModelFamily, tx: optax.GradientTransformation, rng:
                      seq_len: int) -> TrainState:
   """Fresh state with logically-partitioned (boxed) params; unbox with `nn.unbox` after sharding."""
   params = family.init(rng, family.example_batch(1, seq_len))
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(nn.unbox(params)))
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(nn.unbox(params)),
+                    aux_state=family.init_aux_state())
 
 
 def state_partition_specs(abstract_state: TrainState, tx: optax.GradientTransformation) -> TrainState:
@@ -69,7 +71,9 @@ def state_partition_specs(abstract_state: TrainState, tx: optax.GradientTransfor
       tx, lambda _, spec: spec, abstract_state.opt_state, param_specs,
       transform_non_params=lambda _: jax.sharding.PartitionSpec(),
       is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
-  return TrainState(step=jax.sharding.PartitionSpec(), params=param_specs, opt_state=opt_specs)
+  aux_specs = jax.tree.map(lambda _: jax.sharding.PartitionSpec(), abstract_state.aux_state)
+  return TrainState(step=jax.sharding.PartitionSpec(), params=param_specs, opt_state=opt_specs,
+                    aux_state=aux_specs)
 
 
 def state_shardings(family: ModelFamily, tx: optax.GradientTransformation, config: Any, mesh: Any
@@ -95,7 +99,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, family: ModelF
   rng = jax.random.fold_in(jax.random.key(seed), state.step)
 
   def objective(params, micro_batch, micro_rng):
-    return family.loss(params, micro_batch, rng=micro_rng, train=True)
+    return family.loss(params, micro_batch, rng=micro_rng, train=True, aux_state=state.aux_state,
+                       step=state.step)
 
   grad_fn = jax.value_and_grad(objective, has_aux=True)
   if grad_accum == 1:
@@ -120,8 +125,12 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, family: ModelF
   params = optax.apply_updates(state.params, updates)
   metrics = {"loss": total / denom, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step),
              "tokens": sums["weight"]}
-  metrics.update({k: v / denom for k, v in sums.items() if k not in ("weight", "nll")})
-  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  metrics.update({k: v / denom for k, v in sums.items()
+                  if k not in ("weight", "nll") + tuple(family.count_keys)})
+  metrics.update(family.summarize(sums))
+  aux_state = family.update_aux_state(state.aux_state, sums)
+  metrics.update({f"aux/{k}": v for k, v in aux_state.items()} if isinstance(aux_state, dict) else {})
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state, aux_state=aux_state), metrics
 
 
 def eval_step(params: Any, batch: dict[str, jax.Array], *, family: ModelFamily) -> dict[str, jax.Array]:

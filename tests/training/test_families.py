@@ -64,7 +64,7 @@ class _Seq2SeqDouble(ModelFamily):
     half = batch["inputs"].shape[1] // 2
     return self.module().init(rng, batch["inputs"][:, :half], batch["inputs"][:, half:])["params"]
 
-  def loss(self, params, batch, *, rng=None, train=True):
+  def loss(self, params, batch, *, rng=None, train=True, aux_state=None, step=None):
     half = batch["inputs"].shape[1] // 2
     logits, context = self.module().apply({"params": params}, batch["inputs"][:, :half],
                                           batch["inputs"][:, half:])

@@ -22,6 +22,7 @@ from training.tasks import EvalContext, register_task
 
 
 def evaluate_bpb(eval_fn: Any, params: Any, config: Any, mesh: Any, *, batch_format: str,
+                 summarize: Any = None,
                  data_config: Any = None, split: str | None = None, max_batches: int | None = None,
                  show_progress: bool = False) -> dict[str, Any]:
   """{"bpb", "loss" (nats), "bytes", "gzip_bpb", "xz_bpb", "sample"} of one split.
@@ -34,7 +35,8 @@ def evaluate_bpb(eval_fn: Any, params: Any, config: Any, mesh: Any, *, batch_for
   max_batches = config.eval.max_batches if max_batches is None else max_batches
   window = dict(seq_len=config.train.seq_len, batch_size=config.eval.batch_size, max_batches=max_batches)
   synthetic = data_config.source in corpora.SYNTHETIC_SOURCES
-  scored = None if synthetic else pipeline.eval_scored_bytes(data_config, split, **window)
+  scored = None if synthetic else pipeline.eval_scored_bytes(data_config, split, batch_format=batch_format,
+                                                              **window)
   desc = f"bpb {split}"
   with metrics_lib.progress(total=None if scored is None else len(scored), unit="B", desc=desc,
                             enabled=show_progress and jax.process_index() == 0) as bar:
@@ -47,6 +49,8 @@ def evaluate_bpb(eval_fn: Any, params: Any, config: Any, mesh: Any, *, batch_for
   count = sums["weight"]
   result = {"bpb": losses.bits_per_byte(sums["nll"], count), "loss": sums["nll"] / max(count, 1.0),
             "bytes": int(count)}
+  if summarize is not None:  # the family's derived metrics (e.g. MrT5's deletion rate)
+    result.update({k: float(v) for k, v in summarize(sums).items()})
   if scored is not None:
     result.update({f"{name}_bpb": v for name, v in compressors.compressed_bits_per_byte(scored).items()})
   result["sample"] = _sample_text(data_config, split, **window)
@@ -81,8 +85,9 @@ def bpb_task(ctx: EvalContext) -> dict:
                     in_shardings=(None, sharding.batch_sharding(ctx.mesh)))
   split = ctx.options.get("split") or config.eval.split
   result = evaluate_bpb(eval_fn, ctx.params, config, ctx.mesh, batch_format=ctx.family.batch_format,
-                        split=split, show_progress=ctx.progress)
+                        split=split, show_progress=ctx.progress, summarize=ctx.family.summarize)
   row = {"split": split, "source": config.data.source, "bpb": result["bpb"]}
   row.update({k: result[k] for k in ("gzip_bpb", "xz_bpb") if k in result})
   row.update(loss_nats=result["loss"], bytes=result["bytes"])
+  row.update({k: v for k, v in result.items() if k not in row and k not in ("loss", "sample")})
   return {"metrics": row, "sample": result["sample"], "data": data_key(config, split)}
