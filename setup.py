@@ -20,6 +20,7 @@ setuptools.setup(
         "numpy>=2.0",
         "tensorboardX>=2.6",
         "tqdm>=4.66",
+        "safetensors>=0.4",  # models/convert_hf.py reads Hugging Face checkpoints (numpy backend)
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "tensorboard>=2.16"],
