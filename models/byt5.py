@@ -364,17 +364,27 @@ class ByT5(nn.Module):
     sizes = capacities(inputs.shape[1], gate["capacity_buckets"])
 
     def branch(capacity):
-      def run(mdl, x, y, keep, positions):
-        idx, kept = pooling.compact_indices(keep, capacity)
-        enc = mdl.encoder.upper(pooling.gather_rows(x, idx), kept, jnp.where(kept, idx, 0), table,
-                                options=opts, train=False)
-        return mdl.logits(mdl.decoder(y, enc, kept, options=opts, train=False))
-      return run
+      return lambda mdl, x, y, keep, table: mdl._compacted(x, y, keep, table, capacity)
 
     bucket = jnp.searchsorted(jnp.asarray(sizes), jnp.max(jnp.sum(keep, axis=1)))
     logits = nn.switch(jnp.minimum(bucket, len(sizes) - 1), [branch(c) for c in sizes], self, x, y, keep,
-                       positions)
+                       table)
     return logits, gates
+
+  def _compacted(self, x, y, keep, table, capacity):
+    """Hard deletion: the kept rows of x [B, T, D] (keep [B, T]) in `capacity` slots, original positions,
+    through the later encoder layers and the decoder -> logits."""
+    opts = self.options
+    idx, kept = pooling.compact_indices(keep, capacity)
+    enc = self.encoder.upper(pooling.gather_rows(x, idx), kept, jnp.where(kept, idx, 0), table, options=opts,
+                             train=False)
+    return self.logits(self.decoder(y, enc, kept, options=opts, train=False))
+
+  def forward_kept(self, inputs, decoder_inputs, keep, capacity: int):
+    """Teacher-forced logits with a given hard-deletion mask keep [B, T] (benchmarks/mrt5.py): the gate is
+    bypassed, everything else is the hard-deletion path with `capacity` (static) slots."""
+    x, _, _, table = self.encoder.lower(self._embed(inputs, False), inputs, options=self.options, train=False)
+    return self._compacted(x, self._embed(decoder_inputs, False), keep, table, capacity)
 
   def encode(self, inputs, *, capacity: int | None = None):
     """Generation: inputs [B, T] -> (encoded [B, C, D], valid [B, C], key_bias [B, C] or None).

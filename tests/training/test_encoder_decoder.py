@@ -1,0 +1,102 @@
+"""ByT5 / MrT5 through the unchanged train.py / evaluate.py: span corruption, exact resume with the PI
+controller's state, deletion-rate control, bits per target byte and encoder-decoder generation."""
+
+import importlib.util
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = ["--config.model.d_model=32", "--config.model.num_heads=2", "--config.model.head_dim=16",
+        "--config.model.mlp_dim=64", "--config.model.num_layers=4", "--config.model.num_decoder_layers=1",
+        "--config.train.seq_len=64", "--config.train.batch_size=8", "--config.train.log_every=1",
+        "--config.train.eval_every=0", "--config.eval.max_batches=2", "--config.eval.final_max_batches=2",
+        "--config.eval.batch_size=8", "--config.data.max_corpus_bytes=200000",
+        "--config.data.span_corruption.mean_noise_span_length=4", "--config.train.progress_bar=False",
+        "--config.optimizer.warmup_steps=5"]
+
+
+def _script(name):
+  spec = importlib.util.spec_from_file_location(f"_{name}_ed", os.path.join(REPO_ROOT, f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _records(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _train(config, workdir, *extra):
+  argv = ["train.py", f"--config={REPO_ROOT}/configs/{config}.py", f"--workdir={workdir}", *TINY, *extra]
+  assert _script("train").main(argv) == 0
+
+
+@pytest.fixture(scope="module")
+def mrt5_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("mrt5") / "run")
+  _train("mrt5", workdir, "--config.train.steps=12", "--config.checkpoint.every=6",
+         "--config.model.byt5.delete_gate.kp=20.0", "--config.model.byt5.delete_gate.ki=0.5")
+  return workdir
+
+
+def test_mrt5_resume_is_exact_with_controller_state(mrt5_run, tmp_path):
+  workdir = str(tmp_path / "resumed")
+  shutil.copytree(mrt5_run, workdir)
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "12"))
+  with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in _records(mrt5_run) if r["step"] <= 6)
+  _train("mrt5", workdir, "--config.train.steps=12", "--config.checkpoint.every=6",
+         "--config.model.byt5.delete_gate.kp=20.0", "--config.model.byt5.delete_gate.ki=0.5")
+  straight = {r["step"]: r for r in _records(mrt5_run) if "loss" in r}
+  resumed = {r["step"]: r for r in _records(workdir) if "loss" in r and r["step"] > 6}
+  assert sorted(resumed) == list(range(7, 13))
+  for step, r in resumed.items():
+    for key in ("loss", "grad_norm", "deletion_rate", "aux/alpha", "aux/p", "aux/i"):
+      assert r[key] == straight[step][key], (step, key)
+
+
+def test_train_logs_deletion_rate_and_controller(mrt5_run):
+  records = [r for r in _records(mrt5_run) if "loss" in r]
+  assert all(0.0 <= r["deletion_rate"] <= 1.0 for r in records)
+  # alpha follows the PI law on the logged rates: positive while the rate is below the 0.5 target.
+  first = records[0]
+  assert (first["aux/alpha"] > 0) == (first["deletion_rate"] < 0.5)
+  final = [r for r in _records(mrt5_run) if "eval/bpb" in r][-1]
+  for key in ("eval/deletion_rate", "eval/soft_bpb", "eval/special_bits"):
+    assert np.isfinite(final[key]), key
+
+
+def test_controller_moves_the_deletion_rate_toward_the_target(tmp_path):
+  """From a gate that keeps everything (b = 4: G ~ -0.5), the PI controller raises alpha while the rate is
+  below the 0.5 target, which drives the rate up to it; above the target alpha returns to 0 (the
+  controller is one-sided, alpha >= 0, as in MrT5)."""
+  workdir = str(tmp_path / "target")
+  _train("mrt5", workdir, "--config.train.steps=16", "--config.checkpoint.every=16",
+         "--config.model.byt5.delete_gate.target=0.5", "--config.model.byt5.delete_gate.bias_init=4.0",
+         "--config.model.byt5.delete_gate.kp=2.0", "--config.model.byt5.delete_gate.ki=0.01")
+  records = [r for r in _records(workdir) if "loss" in r]
+  rates = [r["deletion_rate"] for r in records]
+  alphas = [r["aux/alpha"] for r in records]
+  assert rates[0] < 0.1, rates
+  reached = next(i for i, rate in enumerate(rates) if rate >= 0.3)  # StopIteration: never moved
+  assert all(a > 0 for a, rate in zip(alphas, rates) if rate < 0.5), (rates, alphas)
+  assert all(a < alphas[reached - 1] for a, rate in zip(alphas[reached:], rates[reached:]) if rate > 0.5)
+
+
+def test_byt5_trains_and_evaluates_bits_per_target_byte_and_generates(tmp_path):
+  workdir = str(tmp_path / "byt5")
+  _train("byt5", workdir, "--config.train.steps=4", "--config.checkpoint.every=4")
+  evaluate = _script("evaluate")
+  assert evaluate.main(["evaluate.py", f"--workdir={workdir}", "--tasks=bpb,generate", "--prompt=def main(",
+                        "--generate.max_new_bytes=6"]) == 0
+  with open(os.path.join(workdir, "eval", "bpb_step4.json")) as f:
+    bpb = next(iter(json.load(f)["entries"].values()))["metrics"]
+  assert bpb["bpb"] > 0 and bpb["bytes"] > 0 and bpb["special_targets"] > 0
+  with open(os.path.join(workdir, "eval", "generate_step4.json")) as f:
+    gen = next(iter(json.load(f)["entries"].values()))["metrics"]
+  assert gen["prompt"] == "def main(" and isinstance(gen["completion"], str)
