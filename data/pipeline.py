@@ -372,6 +372,14 @@ def _eval_plan(data_config: Any, split: str, seq_len: int, batch_size: int,
   return ids, eval_window_indices(-(-len(stream) // seq_len), batch_size, max_batches)
 
 
+def eval_num_windows(data_config: Any, split: str, *, seq_len: int, batch_format: str = "causal_lm") -> int:
+  """How many eval windows (causal_lm) or raw chunks (span_corruption) the whole split has."""
+  check_batch_format(batch_format)
+  if batch_format == "span_corruption":
+    return -(-len(_raw_bytes(data_config, split)) // _span_config(data_config, seq_len)[0].raw_length)
+  return -(-len(corpora.load_stream(data_config, split)) // seq_len)
+
+
 def eval_window_indices(num_windows: int, batch_size: int, max_batches: int = 0) -> np.ndarray:
   """The eval windows scored, int64 [k], sorted and distinct (see the module docstring).
 

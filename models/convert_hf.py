@@ -58,14 +58,12 @@ absent means true (the released modeling_mrt5.py always applies softmax1 in MrT5
 deletion_threshold means sigmoid_mask_scale / 2 (the training scripts' -15 for k = -30).
 """
 
-import importlib
 import json
 import os
 import shlex
 import sys
 from typing import Any, Callable, NamedTuple
 
-import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -73,6 +71,7 @@ from absl import flags
 
 from training import checkpoint as ckpt_lib
 from training import cli
+from training import loop
 from training import runtime
 from training import train_step as ts
 from training.errors import CheckpointError, ConfigError
@@ -392,32 +391,13 @@ def _refuse_existing_run(workdir: str) -> None:
 
 
 def _write_run(config: ml_collections.ConfigDict, workdir: str, params: dict, where: str) -> None:
-  """config.json + the step-0 TrainState checkpoint, built by training/'s own functions."""
+  """Checks the params against the model, then writes config.json + the step-0 checkpoint (training/)."""
   family = runtime.family(config)
-  t = config.train
-  tx, _ = ts.make_optimizer(config.optimizer, t.steps)
-  # The checkpoint holds the grain iterator of the run's data (train.py restores it), so this tool needs
-  # the data pipeline; model files proper never import data/ (tests/training/test_families.py).
-  pipeline = importlib.import_module("data.pipeline")
-  config_dict = config.to_dict()
+  tx, _ = ts.make_optimizer(config.optimizer, config.train.steps)
   with runtime.mesh_context(config) as mesh:
-    abstract_state, shardings = ts.state_shardings(family, tx, config, mesh)
-    _check_against_model(params, abstract_state.params, where)
-    data_iter = pipeline.make_train_iterator(
-        config.data, seq_len=t.seq_len, global_batch_size=t.batch_size, seed=t.seed,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        batch_format=family.batch_format)
-    # train.py's fresh state (step 0, the family's aux state) with these params and their optimizer state;
-    # the random init it would make is unused, so XLA drops it.
-    fresh = lambda p: nn.unbox(ts.init_train_state(family, tx, jax.random.key(t.seed), t.seq_len)).replace(
-        params=p, opt_state=tx.init(p))
-    state = jax.jit(fresh, out_shardings=shardings, donate_argnums=0)(jax.device_put(params, shardings.params))
-    os.makedirs(workdir, exist_ok=True)
-    checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=False)
-    checkpointer.save(0, state, data_iter, config_dict)
-    checkpointer.close()
-  with open(os.path.join(workdir, "config.json"), "w") as f:  # as training/loop.py writes it
-    json.dump(config_dict, f, indent=2, default=list)
+    abstract_state, _ = ts.state_shardings(family, tx, config, mesh)
+  _check_against_model(params, abstract_state.params, where)
+  loop.write_initial_run(config, workdir, params)
 
 
 def _override_value(value: Any) -> str:

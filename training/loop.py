@@ -119,6 +119,37 @@ class _StepMetrics:
     return step, values
 
 
+def write_initial_run(config: ml_collections.ConfigDict, workdir: str, params: Any) -> None:
+  """A step-0 run directory holding `params` (e.g. an imported checkpoint, models/convert_hf.py).
+
+  config.json and a checkpoint of train.py's fresh state (step 0, the family's aux state, a fresh optimizer
+  state for these params) with the run's data iterator, so train.py resumes it (fine-tuning) and
+  evaluate.py restores it. `params` must match the family's (unboxed) param tree.
+  """
+  config = runtime.resolve_config(config)
+  t = config.train
+  family = runtime.family(config)
+  tx, _ = ts.make_optimizer(config.optimizer, t.steps)
+  config_dict = config.to_dict()
+  with runtime.mesh_context(config) as mesh:
+    _, shardings = ts.state_shardings(family, tx, config, mesh)
+    data_iter = pipeline.make_train_iterator(
+        config.data, seq_len=t.seq_len, global_batch_size=t.batch_size, seed=t.seed,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        batch_format=family.batch_format)
+    # The random init is unused (XLA drops it); only its step and aux state are kept.
+    fresh = lambda p: nn.unbox(ts.init_train_state(family, tx, jax.random.key(t.seed), t.seq_len)).replace(
+        params=p, opt_state=tx.init(p))
+    state = jax.jit(fresh, out_shardings=shardings)(jax.device_put(params, shardings.params))
+    os.makedirs(workdir, exist_ok=True)
+    checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=False)
+    checkpointer.save(0, state, data_iter, config_dict)
+    checkpointer.close()
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(config_dict, f, indent=2, default=list)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns the final metrics."""
   config = runtime.resolve_config(config)

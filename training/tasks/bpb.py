@@ -53,19 +53,21 @@ def evaluate_bpb(eval_fn: Any, params: Any, config: Any, mesh: Any, *, batch_for
     result.update({k: float(v) for k, v in summarize(sums).items()})
   if scored is not None:
     result.update({f"{name}_bpb": v for name, v in compressors.compressed_bits_per_byte(scored).items()})
-  result["sample"] = _sample_text(data_config, split, **window)
+  result["sample"] = _sample_text(data_config, split, batch_format=batch_format, **window)
   return result
 
 
-def _sample_text(data_config: Any, split: str, *, seq_len: int, batch_size: int, max_batches: int) -> str:
+def _sample_text(data_config: Any, split: str, *, seq_len: int, batch_size: int, max_batches: int,
+                 batch_format: str) -> str:
   """What part of the split was scored, for the printed lines and the JSON."""
   if data_config.source in corpora.SYNTHETIC_SOURCES:
     return "synthetic examples"
-  num_windows = -(-len(corpora.load_stream(data_config, split)) // seq_len)
+  num_windows = pipeline.eval_num_windows(data_config, split, seq_len=seq_len, batch_format=batch_format)
   scored = len(pipeline.eval_window_indices(num_windows, batch_size, max_batches))
   if scored == num_windows:
     return "whole split"
-  return f"even sample of {scored:,} of the split's {num_windows:,} windows"
+  unit = "span-corruption chunks" if batch_format == "span_corruption" else "windows"
+  return f"even sample of {scored:,} of the split's {num_windows:,} {unit}"
 
 
 def data_key(config: Any, split: str) -> str:
