@@ -154,16 +154,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns the final metrics."""
   config = runtime.resolve_config(config)
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
   config_dict = config.to_dict()
 
   t = config.train
   family = runtime.family(config)
   tx, schedule = ts.make_optimizer(config.optimizer, t.steps)
   train_fn, eval_fn = ts.make_step_fns(family, tx, schedule, t.grad_accum, seed=t.seed)
-  logger = MetricsLogger(workdir, enabled=is_main)
-  checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep,
-                                       async_save=config.checkpoint.async_save)
   with runtime.mesh_context(config) as mesh:
     abstract_state, shardings = ts.state_shardings(family, tx, config, mesh)
     batch_sharding = sharding.batch_sharding(mesh)
@@ -171,6 +167,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         config.data, seq_len=t.seq_len, global_batch_size=t.batch_size, seed=t.seed,
         process_index=jax.process_index(), process_count=jax.process_count(),
         batch_format=family.batch_format)
+    # Only now that the model and data settings are known to be valid is anything written.
+    os.makedirs(workdir, exist_ok=True)
+    logger = MetricsLogger(workdir, enabled=is_main)
+    checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep,
+                                         async_save=config.checkpoint.async_save)
     if is_main:
       print(runtime.describe_run(workdir, config, mesh, runtime.param_count(abstract_state.params),
                                  _split_bytes(config.data)), flush=True)

@@ -213,3 +213,20 @@ def test_word_fusion_never_crosses_a_word_boundary():
   other_word = [ord(c) + 3 for c in "dfgh"]
   # n-gram convolutions reach one neighbour across the boundary (" " -> "d"), attention never does.
   assert np.all(g[other_word[1:]].sum(-1) == 0)
+
+
+def test_scores_regulariser_adds_the_clamped_logit_penalty():
+  config = tiny(mrt5_config)
+  family, params, inputs, dec_in, targets = make(config)
+  batch = {"inputs": inputs, "decoder_inputs": dec_in, "targets": targets,
+           "weights": jnp.ones(targets.shape, jnp.float32)}
+  # Large q/k kernels make raw logits exceed the floor of 5, so the penalty is positive.
+  big = jax.tree_util.tree_map_with_path(
+      lambda p, x: x * 30 if any(getattr(k, "key", "") in ("query", "key") for k in p) else x, params)
+  base = family.loss(big, batch, train=True)[1]["aux_loss"]
+  config.byt5.delete_gate.scores_loss = 0.5
+  family_scores = models.get_family(config)
+  objective, sums = family_scores.loss(big, batch, train=True)
+  assert float(sums["aux_loss"]) > float(base) > -np.inf
+  grads = jax.grad(lambda p: family_scores.loss(p, batch, train=True)[0])(big)
+  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))

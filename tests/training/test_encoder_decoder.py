@@ -100,3 +100,20 @@ def test_byt5_trains_and_evaluates_bits_per_target_byte_and_generates(tmp_path):
   with open(os.path.join(workdir, "eval", "generate_step4.json")) as f:
     gen = next(iter(json.load(f)["entries"].values()))["metrics"]
   assert gen["prompt"] == "def main(" and isinstance(gen["completion"], str)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--config=configs/mrt5.py", "--config.model.byt5.delete_gate.layer=9"],
+     "error: model.byt5.delete_gate.layer (9) must be between 1 and model.num_layers - 1"),
+    (["--config=configs/byt5.py", "--config.train.seq_len=2"], "error: a span-corrupted input of 2 ids cannot"),
+])
+def test_bad_encoder_decoder_config_is_one_error_line_and_writes_nothing(tmp_path, args, expected):
+  import subprocess
+  import sys
+  workdir = tmp_path / "run"
+  proc = subprocess.run([sys.executable, "train.py", *args, f"--workdir={workdir}"], cwd=REPO_ROOT,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  lines = [line for line in proc.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1 and lines[0].startswith(expected), proc.stderr
+  assert not workdir.exists() or not any(workdir.iterdir())
