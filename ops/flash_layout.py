@@ -44,6 +44,12 @@ def _key_bias_grad(db, bias, lay):
   return db.astype(bias.dtype)
 
 
+def table_grad(dt, table):
+  """The relative-bias table's cotangent [H, num_buckets] from the attention dK/dV kernels' per-(b, h, kv
+  block) rows [B, H, nk, 1, W] (lane n < num_buckets of a row holds that block's sum for bucket n)."""
+  return jnp.sum(dt, axis=(0, 2))[:, 0, :table.shape[1]].astype(table.dtype)
+
+
 class TpuFlashLayout:
   """Padded, transposed ([B, H, L, D]) operands of the Mosaic TPU kernels.
 

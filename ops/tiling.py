@@ -69,15 +69,24 @@ def valid_tiles(length: int, blk: int, n: int) -> jax.Array:
   return (jnp.arange(n * blk) < length).reshape(n, blk)
 
 
-def online_softmax_scan(kv_step, kv_xs, rows: tuple[int, ...], d: int, mask_value: float, dtype):
+def softmax_start(mask_value: float, softmax1: bool) -> tuple[float, float]:
+  """Initial running (max m, normaliser l) of an online softmax: (mask_value, 0), or (0, 1) for softmax1,
+  whose virtual key (logit 0, value 0) is then in the state from the start: the final l is
+  sum_j exp(a_j - m) + exp(-m) with m = max(0, max_j a_j), and a row that sees no key keeps l = 1, o = 0."""
+  return (0.0, 1.0) if softmax1 else (mask_value, 0.0)
+
+
+def online_softmax_scan(kv_step, kv_xs, rows: tuple[int, ...], d: int, mask_value: float, dtype,
+                        softmax1: bool = False):
   """The forward of one query tile: `lax.scan` of `kv_step` over the key tiles `kv_xs`, then normalise.
 
   The carry is the online-softmax state (m, l, acc) in f32: running max m and normaliser l of shape
-  `rows` (e.g. [B, Hkv, G, bq]), starting at `mask_value` (finite, so exp(m - m') stays finite) and 0,
-  and the unnormalised output acc [*rows, d], starting at 0. Returns (o = acc / l in `dtype`,
-  lse = m + log l), both 0 on rows with l = 0 (nothing in the normaliser).
+  `rows` (e.g. [B, Hkv, G, bq]), starting at `softmax_start(mask_value, softmax1)` (a finite mask_value,
+  so exp(m - m') stays finite), and the unnormalised output acc [*rows, d], starting at 0. Returns
+  (o = acc / l in `dtype`, lse = m + log l), both 0 on rows with l = 0 (nothing in the normaliser).
   """
-  init = (jnp.full(rows, mask_value, jnp.float32), jnp.zeros(rows, jnp.float32),
+  m0, l0 = softmax_start(mask_value, softmax1)
+  init = (jnp.full(rows, m0, jnp.float32), jnp.full(rows, l0, jnp.float32),
           jnp.zeros((*rows, d), jnp.float32))
   (m, l, acc), _ = jax.lax.scan(kv_step, init, kv_xs)
   has_key = l > 0.0

@@ -4,15 +4,93 @@ Everything here acts on one [bq, bk] tile of one (batch, query head) and is plai
 stay short and the two backends cannot drift apart. Equations: `ops.attention.xla` module docstring.
 `finalize` (o and lse from the running state), `matmul_tn` and `matmul_nn` are the landmark kernels' too:
 they live in `ops.pallas_common` and are re-exported here.
+
+T5 relative bias (`rel` = (bidirectional, max_distance, num_buckets), or None): `tile_relative_bias` buckets
+a tile from its positions and looks the bias up with one select per bucket (neither Mosaic nor Triton
+lowers a general gather; a scalar table read per bucket is cheap), `table_grad_row` is the matching
+per-bucket sum of dS for the table gradient. softmax1 only changes the initial state (`softmax_start`).
+`flash_vjp` is the custom-VJP wiring that both kernels and the blockwise XLA implementation share.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
 
-from ops.pallas_common import finalize, matmul_nn, matmul_tn  # noqa: F401  (re-exported)
+from ops.attention.relative_bias import relative_position_bucket
+from ops.pallas_common import finalize, matmul_nn, matmul_tn, split_refs  # noqa: F401  (re-exported)
+from ops.tiling import softmax_start
 
 # Finite initial running max: keeps exp(m - m') finite for rows that have seen no visible key yet.
 MASK_VALUE = -1e30
+
+
+NUM_OPERANDS = 9  # q, k, v, key bias, table, q_pos, kv_pos, q_seg, kv_seg
+
+
+def flash_vjp(forward, backward, num_static: int):
+  """`jax.custom_vjp` flash attention f(q, k, v, bias, table, q_pos, kv_pos, q_seg, kv_seg, *static).
+
+  forward(same arguments) -> (o, lse); backward(*static, residuals, dO) -> the nine operands' cotangents,
+  with residuals = (the nine operands, o, lse). The `num_static` trailing arguments are static.
+  """
+  @functools.partial(jax.custom_vjp,
+                     nondiff_argnums=tuple(range(NUM_OPERANDS, NUM_OPERANDS + num_static)))
+  def flash(*args):
+    return forward(*args)[0]
+
+  def flash_fwd(*args):
+    o, lse = forward(*args)
+    return o, (*args[:NUM_OPERANDS], o, lse)
+
+  flash.defvjp(flash_fwd, backward)
+  return flash
+
+
+def sequence_refs(refs, has_bias: bool, rel):
+  """(bias_ref or None, table_ref or None, the remaining refs) of a kernel whose optional key-bias and
+  relative-bias-table refs follow the four sequence refs."""
+  bias_ref, refs = split_refs(refs, has_bias)
+  table_ref, refs = split_refs(refs, rel is not None)
+  return bias_ref, table_ref, refs
+
+
+def kernel_rel(table, rel):
+  """The kernels' static `rel`: (bidirectional, max_distance, num_buckets), or None without a table."""
+  return None if table is None else (*rel, table.shape[1])
+
+
+def initial_state(softmax1: bool) -> tuple[float, float]:
+  """Initial running (max m, normaliser l) of the online softmax (`ops.tiling.softmax_start`)."""
+  return softmax_start(MASK_VALUE, softmax1)
+
+
+def tile_relative_bias(q_pos, kv_pos, table_entry, rel) -> tuple[jax.Array, jax.Array]:
+  """(bucket int32, bias f32), both [bq, bk], of a tile: T5 buckets of kv_pos - q_pos and table[h, bucket].
+
+  Args: q_pos [bq, 1], kv_pos [1, bk] int32; table_entry(n) -> the scalar table[h, n] of this program's
+  query head; rel = (bidirectional, max_distance, num_buckets).
+  """
+  bidirectional, max_distance, num_buckets = rel
+  bucket = relative_position_bucket(kv_pos - q_pos, bidirectional=bidirectional, num_buckets=num_buckets,
+                                    max_distance=max_distance)
+  bias = jnp.zeros(bucket.shape, jnp.float32)
+  for n in range(num_buckets):
+    bias = jnp.where(bucket == n, table_entry(n), bias)
+  return bucket, bias
+
+
+def table_grad_row(bucket, ds, lanes, num_buckets: int) -> jax.Array:
+  """The tile's table gradient, f32 [1, W]: lane n < num_buckets holds sum_{ij: bucket_ij = n} ds_ij.
+
+  Args: bucket [bq, bk] int32, ds [bq, bk] f32 (unscaled dL/ds), lanes [1, W] int32 iota (W >= num_buckets;
+  each backend builds its own: Mosaic needs a 2-D iota).
+  """
+  row = jnp.zeros(lanes.shape, jnp.float32)
+  for n in range(num_buckets):
+    per_row = jnp.sum(jnp.where(bucket == n, ds, 0.0), axis=1, keepdims=True)
+    row = row + jnp.where(lanes == n, jnp.sum(per_row, axis=0, keepdims=True), 0.0)
+  return row
 
 
 def tile_mask(q_pos, q_seg, kv_pos, kv_seg, bias, causal: bool) -> jax.Array:
@@ -29,12 +107,15 @@ def tile_mask(q_pos, q_seg, kv_pos, kv_seg, bias, causal: bool) -> jax.Array:
   return mask
 
 
-def tile_scores(q, k, bias, mask, scale: float, signed: bool) -> tuple[jax.Array, jax.Array]:
+def tile_scores(q, k, bias, rel_bias, mask, scale: float, signed: bool) -> tuple[jax.Array, jax.Array]:
   """(s, a) of a tile, f32 [bq, bk]: s the sanitised logits (0 where masked, so a -inf bias never reaches
-  exp), a the softmax argument (|s| for Cog) with MASK_VALUE where masked."""
+  exp), a the softmax argument (|s| for Cog) with MASK_VALUE where masked. bias [1, bk] (key bias) and
+  rel_bias [bq, bk] (relative bias) are each optional."""
   s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
   if bias is not None:
     s = s + bias
+  if rel_bias is not None:
+    s = s + rel_bias
   s = jnp.where(mask, s, 0.0)
   a = jnp.abs(s) if signed else s
   return s, jnp.where(mask, a, MASK_VALUE)

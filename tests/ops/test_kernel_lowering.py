@@ -46,6 +46,7 @@ def _cases(impl: str, head_dim: int):
   gqa_kv = jax.ShapeDtypeStruct((b, t, 1, head_dim), jnp.bfloat16)
   ints = jax.ShapeDtypeStruct((b, t), jnp.int32)
   bias = jax.ShapeDtypeStruct((b, t), jnp.float32)
+  table = jax.ShapeDtypeStruct((h, 32), jnp.float32)  # T5 relative-bias table [H, num_buckets]
   return {
       "attention_causal": (_grads(lambda q, k, v: attention(q, k, v, impl=impl), 3), (x, x, x)),
       "attention_cog_bias_segments_gqa": (
@@ -53,6 +54,10 @@ def _cases(impl: str, head_dim: int):
                                                   impl=impl), 4), (x, gqa_kv, gqa_kv, bias, ints)),
       "attention_bidirectional": (_grads(lambda q, k, v: attention(q, k, v, causal=False, impl=impl), 3),
                                   (x, x, x)),
+      "attention_t5_relative_bias_softmax1_key_bias_gqa": (
+          _grads(lambda q, k, v, b_, t_: attention(q, k, v, key_bias=b_, relative_bias=t_, softmax1=True,
+                                                   causal=False, scale=1.0, impl=impl), 5),
+          (x, gqa_kv, gqa_kv, bias, table)),
       "gla": (_grads(lambda q, k, v, g: gla(q, k, v, g, impl=impl)[0], 4), (x, x, x, gate)),
       "landmark": (_grads(lambda q, k, v: landmark_attention(q, k, v, block_size=64, impl=impl), 3),
                    (x, x, x)),
