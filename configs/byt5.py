@@ -38,3 +38,29 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.max_batches = 8
   config.eval.final_max_batches = 0
   return config
+
+
+# The paper's sizes (specs/token_free.md §2.3 table; heads from t5x's byt5/{small,base,large}.gin):
+# name -> (params, d_model, d_ff, heads, encoder layers, decoder layers); head_dim 64 throughout.
+PAPER_SIZES = {
+    "small": ("300M", 1472, 3584, 6, 12, 4),
+    "base": ("582M", 1536, 3968, 12, 18, 6),
+    "large": ("1.23B", 1536, 3840, 16, 36, 12),
+}
+
+
+def paper_config(size: str) -> ml_collections.ConfigDict:
+  """ByT5 at a paper size, with the pretraining recipe: inputs 1024 / targets 189 bytes, 2^20 input
+  bytes per batch, 1M steps (§2.4); for accelerators."""
+  _, d_model, d_ff, heads, encoder_layers, decoder_layers = PAPER_SIZES[size]
+  config = get_config()
+  config.model.d_model, config.model.mlp_dim = d_model, d_ff
+  config.model.num_heads, config.model.head_dim = heads, 64
+  config.model.num_layers, config.model.num_decoder_layers = encoder_layers, decoder_layers
+  config.train.seq_len = 1024
+  config.train.batch_size = 1024
+  config.train.steps = 1_000_000
+  config.train.eval_every = config.checkpoint.every = 10_000
+  config.optimizer.lr = 1e-3
+  config.optimizer.warmup_steps = 10_000
+  return config

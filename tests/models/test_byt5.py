@@ -230,3 +230,12 @@ def test_scores_regulariser_adds_the_clamped_logit_penalty():
   assert float(sums["aux_loss"]) > float(base) > -np.inf
   grads = jax.grad(lambda p: family_scores.loss(p, batch, train=True)[0])(big)
   assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+
+
+@pytest.mark.parametrize("size, millions", [("small", 300), ("base", 582), ("large", 1230)])
+def test_paper_sizes_have_the_papers_parameter_counts(size, millions):
+  config = byt5_config.paper_config(size).model
+  family = models.get_family(config)
+  shapes = jax.eval_shape(lambda: nn.unbox(family.init(jax.random.key(0), family.example_batch(1, 8))))
+  count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+  assert abs(count / 1e6 - millions) / millions < 0.02, count  # spec §2.3 table
