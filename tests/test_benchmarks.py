@@ -34,3 +34,16 @@ def test_train_step_benchmark_reports_the_split_rates_and_top_ops(repo_root, cap
               "| matmul rate at [128, 32] x [32, 64] and back, f32 |", "| model FLOP/s / f32 matmul rate |"):
     assert row in report, report
   assert len(re.findall(r"^\| \S+ \| [\d.]+ \| [\d.]+% \|$", report, flags=re.M)) == 6, report  # 3 + 3 kinds
+
+
+def test_mrt5_benchmark_reports_byt5_and_four_deletion_rates(capsys):
+  from benchmarks import mrt5
+  tiny = ["--config.model.num_layers=2", "--config.model.num_decoder_layers=1", "--config.model.d_model=32",
+          "--config.model.mlp_dim=64", "--config.model.num_heads=2", "--config.model.head_dim=16",
+          "--config.model.byt5.delete_gate.layer=1", "--config.train.seq_len=32"]
+  assert mrt5.main(["mrt5", *tiny, "--batch=2", "--warmup=1", "--repeats=1", "--rounds=1"]) == 0
+  report = capsys.readouterr().out
+  rows = re.findall(r"^\| (ByT5|MrT5 \d+% deleted) \| (\d+) / (\d+) \| [\d.]+ \|", report, flags=re.M)
+  assert [r[0] for r in rows] == ["ByT5"] + [f"MrT5 {p}% deleted" for p in (0, 30, 50, 70)], report
+  assert [int(r[1]) for r in rows] == [32, 32, 22, 16, 10] and [int(r[2]) for r in rows] == [32, 32, 24, 16, 16]
+  assert "| 32.3% |" in report and "configs/mrt5.py" in report  # the paper's 50% beside the measurement
