@@ -1,10 +1,36 @@
 """Token-free sequence shortening: boundaries -> groups, pooling, upsampling, compaction (DESIGN §4).
 
-Public entries so far: `compact_indices` and `gather_rows` (MrT5 hard deletion, specs/token_free.md §3.4,
-§19.2). Everything here is shape-static: a kept set of data-dependent size lives in a buffer of static
-capacity with a validity mask.
+Everything here is shape-static: a set of data-dependent size lives in a buffer of static capacity with a
+validity mask. Public entries (specs/token_free.md sections in each docstring):
+  groups (§5.1, §19.2):  `group_ids` -> `Groups`, `pool` (mean / sum / last; impl "segment_sum" or
+                         "onehot"), `upsample` (the causal inclusive / exclusive gather). Boundary
+                         convention b_t = 1: the group ends at byte t; slot 0 is the null group.
+  boundary sources:      `fixed_boundaries`, `whitespace_boundaries`, `spacelike_boundaries`,
+                         `is_spacelike` (§5.2, §11.1; jnp over ByT5 ids); `hat_word_boundaries` and
+                         `hat_split` (§4.1, host-side numpy).
+  fixed patches (§6, §10.1): `shift_right`, `fixed_pool`, `fixed_upsample`.
+  compaction (§3.4):     `compact_indices`, `gather_rows` (MrT5 hard deletion).
 """
 
+from ops.pooling.boundaries import fixed_boundaries
+from ops.pooling.boundaries import is_spacelike
+from ops.pooling.boundaries import spacelike_boundaries
+from ops.pooling.boundaries import whitespace_boundaries
 from ops.pooling.compaction import compact_indices, gather_rows
+from ops.pooling.fixed import fixed_pool
+from ops.pooling.fixed import fixed_upsample
+from ops.pooling.fixed import shift_right
+from ops.pooling.groups import Groups
+from ops.pooling.groups import group_ids
+from ops.pooling.groups import pool
+from ops.pooling.groups import upsample
+from ops.pooling.hat_split import hat_split
+from ops.pooling.hat_split import hat_word_boundaries
 
-__all__ = ["compact_indices", "gather_rows"]
+__all__ = [
+    "compact_indices", "gather_rows",
+    "Groups", "group_ids", "pool", "upsample",
+    "fixed_boundaries", "whitespace_boundaries", "spacelike_boundaries", "is_spacelike",
+    "hat_split", "hat_word_boundaries",
+    "shift_right", "fixed_pool", "fixed_upsample",
+]
