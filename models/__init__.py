@@ -8,6 +8,7 @@ from typing import Any
 from models import attention  # noqa: F401  (registers the "softmax", "cog" and "ssa" mixers)
 from models import byt5  # noqa: F401  (registers the "byt5" encoder-decoder family, MrT5 included)
 from models import gla  # noqa: F401  (registers the "gla" mixer)
+from models import hierarchical  # noqa: F401  (registers the "hierarchical" byte-LM family)
 from models import landmark  # noqa: F401  (registers the "landmark" mixer and the "landmark_lm" family)
 from models import selective  # noqa: F401  (registers the "selective" mixer)
 from models import transformer  # noqa: F401  (registers the "transformer" family)

@@ -52,3 +52,26 @@ def generate(model: nn.Module, params: Any, prompt: jax.Array, rng: jax.Array, *
 
   _, rest = jax.lax.scan(body, (mutated["cache"], first, rng), None, length=max_new - 1)
   return jnp.concatenate([first[:, None], rest.T], axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new", "temperature", "top_k"))
+def generate_by_recompute(model: nn.Module, params: Any, prompt: jax.Array, rng: jax.Array, *, max_new: int,
+                          temperature: float = 0.0, top_k: int = 0) -> jax.Array:
+  """prompt [B, P] ids -> [B, max_new] new ids, for a causal model without a decode cache.
+
+  Every step runs the whole forward on a fixed [B, P + max_new] buffer (one compiled program; positions
+  after the current one hold padding, which a causal model never reads) and samples at the current one.
+  """
+  batch, prompt_len = prompt.shape
+  buffer = jnp.zeros((batch, prompt_len + max_new), jnp.int32).at[:, :prompt_len].set(prompt)
+
+  def body(i, carry):
+    buffer, rng = carry
+    logits = model.apply({"params": params}, buffer)
+    rng, sub = jax.random.split(rng)
+    nxt = sample_logits(jax.lax.dynamic_index_in_dim(logits, prompt_len + i - 1, axis=1, keepdims=False),
+                        sub, temperature, top_k)
+    return buffer.at[:, prompt_len + i].set(nxt), rng
+
+  buffer, _ = jax.lax.fori_loop(0, max_new, body, (buffer, rng))
+  return buffer[:, prompt_len:]
