@@ -51,6 +51,9 @@ def get_config() -> ml_collections.ConfigDict:
   # (first, last): write a jax.profiler trace of those steps to <workdir>/profile (TensorBoard's profile
   # plugin or Perfetto open it); () = no trace. E.g. --config.train.profile_steps=10,12
   config.train.profile_steps = ()
+  # A run directory whose latest checkpoint initialises every parameter it has (same name and shape) at
+  # step 0, e.g. MrT5 from a trained ByT5 (only the gate is new); "" = random init.
+  config.train.init_from = ""
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.lr = 3e-3  # peak learning rate

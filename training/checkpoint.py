@@ -170,3 +170,23 @@ class Checkpointer:
 def abstract_like(tree: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs carrying target shardings, for restoring directly into place."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def merge_params(fresh: Any, loaded: Any) -> tuple[Any, list[str], list[str]]:
+  """`fresh` with every leaf that `loaded` has at the same path and shape replaced by the loaded one.
+
+  Returns (params, the reused paths, the paths kept fresh), paths as "a/b/c".
+  """
+  loaded_flat = {"/".join(str(getattr(k, "key", k)) for k in path): leaf
+                 for path, leaf in jax.tree_util.tree_leaves_with_path(loaded)}
+  reused, kept = [], []
+
+  def pick(path, leaf):
+    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    other = loaded_flat.get(name)
+    if other is not None and other.shape == leaf.shape:
+      reused.append(name)
+      return other.astype(leaf.dtype)
+    kept.append(name)
+    return leaf
+  return jax.tree_util.tree_map_with_path(pick, fresh), reused, kept

@@ -119,6 +119,33 @@ class _StepMetrics:
     return step, values
 
 
+def _init_params_from(state: ts.TrainState, source: str, tx: Any, mesh: Any, shardings: Any, *,
+                      announce: bool) -> ts.TrainState:
+  """The fresh state with every param that `source`'s latest checkpoint has (same path and shape) taken
+  from it, and a fresh optimizer state (train.init_from: e.g. MrT5 from a trained ByT5, spec §3.1)."""
+  reader = ckpt_lib.Checkpointer(source, read_only=True)
+  try:
+    step = reader.latest_step()
+    if step is None:
+      raise ckpt_lib.CheckpointError(f"train.init_from={source!r} holds no checkpoint.")
+    source_config = runtime.resolve_config(ml_collections.ConfigDict(reader.restore_config(step)))
+    source_family = runtime.family(source_config)
+    source_tx, _ = ts.make_optimizer(source_config.optimizer, source_config.train.steps)
+    abstract, source_shardings = ts.state_shardings(source_family, source_tx, source_config, mesh)
+    loaded = reader.restore_params(step, ckpt_lib.abstract_like(abstract, source_shardings).params)
+  finally:
+    reader.close()
+  params, reused, fresh = ckpt_lib.merge_params(state.params, loaded)
+  if not reused:
+    raise ckpt_lib.CheckpointError(f"train.init_from={source!r}: no parameter of its checkpoint (step {step}) "
+                                   "matches this model's names and shapes.")
+  params = jax.device_put(params, shardings.params)
+  if announce:
+    print(f"initialised {len(reused)} of {len(reused) + len(fresh)} parameter arrays from {source} (step "
+          f"{step}); new: {', '.join(fresh) or 'none'}", flush=True)
+  return state.replace(params=params, opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(params))
+
+
 def write_initial_run(config: ml_collections.ConfigDict, workdir: str, params: Any) -> None:
   """A step-0 run directory holding `params` (e.g. an imported checkpoint, models/convert_hf.py).
 
@@ -180,6 +207,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       init = jax.jit(lambda r: nn.unbox(ts.init_train_state(family, tx, r, t.seq_len)),
                      out_shardings=shardings)
       state, start = init(jax.random.key(t.seed)), 0
+      if t.get("init_from"):
+        state = _init_params_from(state, t.init_from, tx, mesh, shardings, announce=is_main)
     else:
       state = checkpointer.restore(start, ckpt_lib.abstract_like(abstract_state, shardings), data_iter)
     # out_shardings pins the new state to the same layout; left to propagation, GSPMD may return e.g. a

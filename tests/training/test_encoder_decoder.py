@@ -117,3 +117,16 @@ def test_bad_encoder_decoder_config_is_one_error_line_and_writes_nothing(tmp_pat
   lines = [line for line in proc.stderr.splitlines() if line.strip()]
   assert len(lines) == 1 and lines[0].startswith(expected), proc.stderr
   assert not workdir.exists() or not any(workdir.iterdir())
+
+
+def test_mrt5_initialised_from_a_trained_byt5(tmp_path, capsys):
+  """train.init_from: MrT5 continues from ByT5 (spec §3.1, §3.6); only the gate is new."""
+  byt5_dir, mrt5_dir = str(tmp_path / "byt5"), str(tmp_path / "mrt5")
+  _train("byt5", byt5_dir, "--config.train.steps=2", "--config.checkpoint.every=2")
+  capsys.readouterr()
+  _train("mrt5", mrt5_dir, "--config.train.steps=1", "--config.checkpoint.every=1",
+         f"--config.train.init_from={byt5_dir}")
+  out = capsys.readouterr().out
+  line = next(line for line in out.splitlines() if line.startswith("initialised "))
+  assert f"from {byt5_dir} (step 2)" in line
+  assert all("delete_gate" in name for name in line.split("new: ")[1].split(", "))
