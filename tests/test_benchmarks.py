@@ -47,3 +47,18 @@ def test_mrt5_benchmark_reports_byt5_and_four_deletion_rates(capsys):
   assert [r[0] for r in rows] == ["ByT5"] + [f"MrT5 {p}% deleted" for p in (0, 30, 50, 70)], report
   assert [int(r[1]) for r in rows] == [32, 32, 22, 16, 10] and [int(r[2]) for r in rows] == [32, 32, 24, 16, 16]
   assert "| 32.3% |" in report and "configs/mrt5.py" in report  # the paper's 50% beside the measurement
+
+
+def test_hierarchical_benchmark_reports_each_config_beside_the_flat_baseline(capsys):
+  from benchmarks import hierarchical
+  tiny = ["--config.train.batch_size=2", "--config.train.seq_len=32", "--config.model.d_model=32",
+          "--config.model.num_heads=2", "--config.train.compute_dtype=float32",
+          "--config.model.hierarchical.patch_size=2"]  # hierarchical-only: the flat baseline skips it
+  assert hierarchical.main(["hierarchical", "--configs=hourglass", *tiny, "--warmup=0", "--repeats=1",
+                            "--rounds=1", "--compression_batches=1"]) == 0
+  report = capsys.readouterr().out
+  rows = re.findall(r"^\| (hourglass|flat \(\d+ layers\)) \| [\d,]+ \| [\d.]+ \| [\d,]+ \| [\d.]+M \| [\d.]+M \| "
+                    r"[\d.]+ \| (.+) \| ([\d.]+) \| ([\d.]+) \|$", report, flags=re.M)
+  assert [r[0] for r in rows] == ["hourglass", "flat (6 layers)"], report  # 1 + 4 + 1 layers of d 32
+  assert re.fullmatch(r"\d\.\d\d \(17 slots\) \| \d+\.\d%", rows[0][1]), report  # 32 / 2 + 1 slots
+  assert rows[1][1:] == ("— | —", "1.00", "1.00"), report
