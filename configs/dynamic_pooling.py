@@ -5,7 +5,12 @@
 
 Shape of the paper's "[2, (8,), 2]" scaled to this CPU: byte layers before and after the shortened
 stack, mean pooling with a learned null group, the shifted gather of §5.1. Boundaries "whitespace"
-(§5.2; the paper's best on English); "fixed" with patch_size k is the fixed-SF baseline.
+(§5.2; the paper's best on English); "fixed" with patch_size k is the fixed-SF baseline; the trained
+sources "learned" (Gumbel, end-to-end, Binomial prior `prior`) and "entropy" (a predictor imitating the
+entropy spikes of the model's own next-byte distribution) add a boundary predictor and log its loss as
+"boundary_loss":
+
+    python train.py --config=configs/dynamic_pooling.py --config.model.hierarchical.boundaries=learned
 """
 
 import ml_collections

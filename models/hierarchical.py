@@ -20,6 +20,16 @@ belongs to another document reads the null slot instead.
 Boundary sources (`model.hierarchical.boundaries`): "fixed" (every patch_size-th byte: Hourglass /
 fixed-SF), "whitespace" (at the space, §5.2), "spacelike" (SpaceByte §11.1), "hat_words" (the HAT splitter
 rule §4.1, host-side through a callback; the read of each word is delayed to the byte where it is known).
+Trained sources (§5.2): a boundary predictor Linear(d, d_ff) -> GELU -> Linear(d_ff, 1) on the encoder's
+byte states gives p_t = sigmoid(z_t) (causal: the encoder is). "learned" (Gumbel, end-to-end): in training
+b_t = 1[b~_t > 0.5] for the relaxed Bernoulli sample b~ (`temperature`), with the straight-through
+estimate passed to pooling so the LM loss reaches the predictor; the regulariser L_b = -log Binomial(
+sum_t b_t; T, `prior`) / T. "entropy": b_t = 1[p_t > 0.5] always, and the predictor learns by BCE to imitate
+the entropy spikes of the model's own next-byte distribution in the same forward pass (H from the final
+logits under stop-gradient; `spikes_left`). That is circular, as in dynamic pooling: the logits depend on
+the boundaries the predictor chose, H only supervises the predictor and never decides a boundary, so the
+forward stays causal and generation prefix-stable. Either way evaluation and generation use 1[p_t > 0.5],
+and the family adds the mean L_b / BCE ("boundary_loss") to the objective as an aux loss.
 Capacity S (`capacity`, slots incl. the null one) is static: bytes of groups beyond it are not pooled, and
 their targets are masked out of the loss and counted ("overflow_bytes"), SpaceByte's rule (§11.1), so bpb
 never silently scores fewer bytes.
@@ -41,7 +51,7 @@ from models.transformer import Block, TransformerFamily, causal_lm_loss
 from ops import pooling
 
 HIERARCHICAL_DEFAULTS: dict[str, Any] = {
-    "boundaries": "fixed",  # fixed | whitespace | spacelike | hat_words
+    "boundaries": "fixed",  # fixed | whitespace | spacelike | hat_words | learned | entropy
     "patch_size": 4,  # k of "fixed"
     "capacity": 0,  # slots per row (null slot included); 0 = seq_len // expected_patch + 1 (see capacity())
     "expected_patch": 4,  # bytes per patch that capacity=0 plans for (fixed: patch_size)
@@ -59,8 +69,16 @@ HIERARCHICAL_DEFAULTS: dict[str, Any] = {
     # global width and truncation to the last d_model dims on the way back (§11.1; needs global >= byte width).
     "projection": "linear",
     "max_word_bytes": 0,  # hat_words: words longer than this are split (0 = no limit)
+    # learned | entropy: hidden width d_ff of the boundary predictor Linear(d, d_ff) -> GELU -> Linear(d_ff,
+    # 1) (0 = the byte layers' MLP width, model.mlp_dim or its default; dynamic pooling uses d_inner).
+    "predictor_dim": 0,
+    "temperature": 0.5,  # learned: tau of the relaxed Bernoulli (Gumbel-sigmoid) training sample
+    "prior": 0.2,  # learned: alpha of the Binomial prior L_b = -log Binomial(sum_t b_t; T, alpha) / T
+    "spikes_left": 2,  # entropy: k, the target b_t = 1 iff H_t > H_{t-i} for every i = 1..k
 }
-BOUNDARY_SOURCES = ("fixed", "whitespace", "spacelike", "hat_words")
+BOUNDARY_SOURCES = ("fixed", "whitespace", "spacelike", "hat_words", "learned", "entropy")
+TRAINED_SOURCES = ("learned", "entropy")  # boundaries from a predictor, with a boundary loss
+BOUNDARY_RNG = "boundaries"  # the rng stream of the "learned" source's Gumbel noise (training)
 
 
 def options(config: Any) -> dict[str, Any]:
@@ -76,6 +94,12 @@ def options(config: Any) -> dict[str, Any]:
                      "boundary.")
   if opts["projection"] not in ("linear", "pad"):
     raise ValueError(f"unknown model.hierarchical.projection {opts['projection']!r}; expected linear or pad.")
+  if not opts["temperature"] > 0:
+    raise ValueError(f"model.hierarchical.temperature must be > 0, got {opts['temperature']}.")
+  if not 0 < opts["prior"] < 1:
+    raise ValueError(f"model.hierarchical.prior must be in (0, 1), got {opts['prior']}.")
+  if opts["spikes_left"] < 1:
+    raise ValueError(f"model.hierarchical.spikes_left must be >= 1, got {opts['spikes_left']}.")
   if opts["decoder_layers"] < 1:
     raise ValueError("model.hierarchical.decoder_layers must be >= 1: without a byte layer after upsampling "
                      "each byte of a patch is predicted from the same vector (Hourglass §6).")
@@ -106,7 +130,7 @@ def _hat_boundaries(ids: jax.Array, max_bytes: int) -> tuple[jax.Array, jax.Arra
 
 
 def boundaries(ids: jax.Array, opts: dict[str, Any]) -> tuple[jax.Array, jax.Array | None]:
-  """(b [B, T] bool, known [B, T] or None) for the configured source; b_t depends on ids <= t only."""
+  """(b [B, T] bool, known [B, T] or None) for a rule-based source; b_t depends on ids <= t only."""
   source = opts["boundaries"]
   if source == "fixed":
     return pooling.fixed_boundaries(ids, opts["patch_size"]), None
@@ -114,7 +138,9 @@ def boundaries(ids: jax.Array, opts: dict[str, Any]) -> tuple[jax.Array, jax.Arr
     return pooling.whitespace_boundaries(ids), None
   if source == "spacelike":
     return pooling.spacelike_boundaries(ids), None
-  return _hat_boundaries(ids, opts["max_word_bytes"])
+  if source == "hat_words":
+    return _hat_boundaries(ids, opts["max_word_bytes"])
+  raise ValueError(f"boundaries {source!r} come from the model's predictor (HierarchicalLM), not from ids.")
 
 
 def global_config(config: Any, opts: dict[str, Any]) -> Any:
@@ -128,13 +154,51 @@ def global_config(config: Any, opts: dict[str, Any]) -> Any:
   return freeze(ml_collections.ConfigDict(g))
 
 
+class BoundaryPredictor(nn.Module):
+  """Dynamic pooling's boundary predictor (§5.2): x [B, T, D] -> logits z [B, T] f32, p = sigmoid(z), by
+  Linear(D, hidden_dim) -> GELU (exact, torch's nn.GELU) -> Linear(hidden_dim, 1), both with biases."""
+  hidden_dim: int
+  dtype: Any = jnp.float32
+
+  def _bias(self, name, shape, axes):
+    return self.param(name, nn.with_logical_partitioning(nn.initializers.zeros, axes), shape, jnp.float32)
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = layers.DenseGeneral((self.hidden_dim,), (layers.EMBED, layers.MLP_AXIS), dtype=self.dtype, name="wi")(x)
+    h = nn.gelu(h + self._bias("wi_bias", (self.hidden_dim,), (layers.MLP_AXIS,)).astype(h.dtype),
+                approximate=False)
+    z = layers.DenseGeneral((1,), (layers.MLP_AXIS, None), dtype=self.dtype, name="wo")(h)[..., 0]
+    return z.astype(jnp.float32) + self._bias("wo_bias", (), ())
+
+
+def boundary_loss(opts: dict[str, Any], inputs: jax.Array, segment_ids: jax.Array, z: jax.Array,
+                  straight: jax.Array, logits: jax.Array) -> jax.Array:
+  """The trained source's loss (a scalar mean): "learned", the Binomial prior L_b averaged over rows (n and
+  k over the non-pad bytes: n = T in a packed window); "entropy", the BCE of the predictor's logits z
+  against the entropy spikes of stopgrad(logits), averaged over the bytes the predictor decides (not PAD or
+  EOS). Spikes compare within a document only."""
+  valid = inputs != pooling.boundaries.PAD_ID
+  if opts["boundaries"] == "learned":
+    return jnp.mean(pooling.binomial_prior_loss(straight, opts["prior"], valid))
+  entropy = pooling.next_byte_entropy(jax.lax.stop_gradient(logits))
+  targets = pooling.entropy_spikes(entropy, opts["spikes_left"], segment_ids)
+  decided = valid & (inputs != pooling.boundaries.EOS_ID)
+  bce = jnp.where(decided, pooling.sigmoid_bce(z, targets), 0.0)
+  return jnp.sum(bce) / jnp.maximum(jnp.sum(decided), 1).astype(jnp.float32)
+
+
 class HierarchicalLM(nn.Module):
   """inputs [B, T] -> logits [B, T, vocab] f32 (the interface every autoregressive byte model shares).
 
-  with_aux: also return overflow [B, T] bool (bytes whose group did not fit) and the groups per row [B].
+  with_aux: return (logits, aux): aux["overflow"] [B, T] bool (bytes whose group did not fit),
+  aux["patches"] [B] (stored groups per row) and, for a trained source, aux["boundary_loss"] (scalar).
+  train: the "learned" source samples its boundaries (Gumbel noise from the BOUNDARY_RNG stream, which
+  `apply` then needs: rngs={"boundaries": key}); otherwise every source is deterministic.
   """
   config: Any
   with_aux: bool = False
+  train: bool = False
 
   @nn.compact
   def __call__(self, inputs: jax.Array, segment_ids: jax.Array | None = None,
@@ -153,12 +217,23 @@ class HierarchicalLM(nn.Module):
     for i in range(opts["encoder_layers"]):
       x = Block(cfg, cfg.mixer, layer_index=i, name=f"encoder_layer_{i}")(x, segment_ids, positions)
 
-    ends, known = boundaries(inputs, opts)
+    source, z, straight = opts["boundaries"], None, None
+    if source in TRAINED_SOURCES:
+      z = BoundaryPredictor(opts["predictor_dim"] or cfg.mlp_dim or layers.default_mlp_dim(cfg.d_model), dtype,
+                            name="boundary_predictor")(x)
+      sample = self.train and source == "learned"
+      uniform = jax.random.uniform(self.make_rng(BOUNDARY_RNG), z.shape) if sample else None
+      ends, straight = pooling.learned_boundaries(z, inputs, uniform=uniform, temperature=opts["temperature"])
+      known = None
+    else:
+      ends, known = boundaries(inputs, opts)
     groups = pooling.group_ids(ends, capacity(opts, t), known=known,
                                rule="inclusive" if known is None else "exclusive")
     null = self.param("null_group", nn.with_logical_partitioning(nn.initializers.normal(1.0), (layers.NORM,)),
                       (cfg.d_model,), jnp.float32)
-    slots, _ = pooling.pool(x.astype(jnp.float32), groups, mode=opts["pooling"], null=null)
+    # "learned": the straight-through b makes the pooled groups differentiable in b (ops.pooling.pool).
+    slots, _ = pooling.pool(x.astype(jnp.float32), groups, mode=opts["pooling"], null=null,
+                            boundaries=straight if source == "learned" else None)
     # Each slot carries its group's document; the null slot (0) is a segment of its own (0).
     slot_segments = pooling.pool(segment_ids[..., None].astype(jnp.float32), groups, mode="last")[0][..., 0]
     slot_segments = jnp.round(slot_segments).astype(jnp.int32)
@@ -197,7 +272,10 @@ class HierarchicalLM(nn.Module):
     logits = logits[..., :cfg.vocab_size]
     if not self.with_aux:
       return logits
-    return logits, groups.overflow, jnp.minimum(groups.counts, groups.capacity - 1)
+    aux = {"overflow": groups.overflow, "patches": jnp.minimum(groups.counts, groups.capacity - 1)}
+    if source in TRAINED_SOURCES:
+      aux["boundary_loss"] = boundary_loss(opts, inputs, segment_ids, z, straight, logits)
+    return logits, aux
 
 
 @register_family("hierarchical")
@@ -216,26 +294,39 @@ class HierarchicalFamily(TransformerFamily):
     except ValueError as e:
       raise ValueError(f"model.hierarchical.global_mixer: {e}") from None
 
-  def module(self, *, decode: bool = False) -> nn.Module:
+  def module(self, *, decode: bool = False, train: bool = False) -> nn.Module:
     del decode  # generation recomputes the forward (no cache yet)
-    return HierarchicalLM(self.config)
+    return HierarchicalLM(self.config, train=train)
 
   def loss(self, params: Any, batch: dict[str, jax.Array], *, rng: jax.Array | None = None,
            train: bool = True, aux_state: Any = None, step: jax.Array | None = None):
-    del rng, aux_state, step
-    (logits, overflow, patches), sown = HierarchicalLM(self.config, with_aux=True).apply(
+    """Next-byte loss over the bytes that fit, plus a trained source's boundary loss: "boundary_loss" (the
+    mean L_b or BCE times the scored target count, so it is a mean once divided by "weight") is added to
+    "aux_loss" and to the objective, dynamic pooling's unweighted CE + L_boundary. rng: the Gumbel noise
+    of "learned" in training (None: a fixed key)."""
+    del aux_state, step
+    rngs = {BOUNDARY_RNG: jax.random.key(0) if rng is None else rng} if train else {}
+    (logits, aux), sown = HierarchicalLM(self.config, with_aux=True, train=train).apply(
         {"params": params}, batch["inputs"], batch.get("segment_ids"), batch.get("positions"),
-        mutable=[LOSSES_COLLECTION])
-    kept = {**batch, "weights": jnp.where(overflow, 0.0, batch["weights"])}
+        rngs=rngs, mutable=[LOSSES_COLLECTION])
+    kept = {**batch, "weights": jnp.where(aux["overflow"], 0.0, batch["weights"])}
     objective, metrics = causal_lm_loss(logits, kept, sown, train=train)
-    metrics["overflow_bytes"] = jnp.sum(jnp.where(overflow, batch["weights"], 0.0))
-    metrics["patches"] = jnp.sum(patches).astype(jnp.float32)
+    if "boundary_loss" in aux:
+      term = aux["boundary_loss"] * jax.lax.stop_gradient(metrics["weight"])
+      metrics["boundary_loss"] = term
+      metrics["aux_loss"] = metrics.get("aux_loss", jnp.zeros((), jnp.float32)) + term
+      objective = objective + term
+    metrics["overflow_bytes"] = jnp.sum(jnp.where(aux["overflow"], batch["weights"], 0.0))
+    metrics["patches"] = jnp.sum(aux["patches"]).astype(jnp.float32)
     metrics["real_bytes"] = jnp.sum(batch["inputs"] > 0).astype(jnp.float32)
     return objective, metrics
 
   def summarize(self, sums: dict[str, Any]) -> dict[str, Any]:
-    return {"bytes_per_patch": sums["real_bytes"] / jnp.maximum(sums["patches"], 1.0),
-            "overflow_bytes": sums["overflow_bytes"]}
+    out = {"bytes_per_patch": sums["real_bytes"] / jnp.maximum(sums["patches"], 1.0),
+           "overflow_bytes": sums["overflow_bytes"]}
+    if "boundary_loss" in sums:  # the per-target mean, also in evaluation results
+      out["boundary_loss"] = sums["boundary_loss"] / jnp.maximum(sums["weight"], 1.0)
+    return out
 
   def generate(self, params: Any, prompt: jax.Array, rng: jax.Array, *, max_new: int,
                temperature: float = 0.0, top_k: int = 0) -> jax.Array:

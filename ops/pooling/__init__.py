@@ -8,6 +8,11 @@ validity mask. Public entries (specs/token_free.md sections in each docstring):
   boundary sources:      `fixed_boundaries`, `whitespace_boundaries`, `spacelike_boundaries`,
                          `is_spacelike` (§5.2, §11.1; jnp over ByT5 ids); `hat_word_boundaries` and
                          `hat_split` (§4.1, host-side numpy).
+  trained sources (§5.2, `ops.pooling.learned`): `learned_boundaries` (Gumbel-sigmoid sample with the
+                         straight-through estimate, or 1[p > 0.5]), `relaxed_bernoulli`,
+                         `straight_through`, `binomial_prior_loss`, `next_byte_entropy`,
+                         `entropy_spikes`, `sigmoid_bce`; `pool(..., boundaries=b)` differentiates the
+                         pooled groups w.r.t. a straight-through b.
   fixed patches (§6, §10.1): `shift_right`, `fixed_pool`, `fixed_upsample`.
   compaction (§3.4):     `compact_indices`, `gather_rows` (MrT5 hard deletion).
 """
@@ -26,11 +31,20 @@ from ops.pooling.groups import pool
 from ops.pooling.groups import upsample
 from ops.pooling.hat_split import hat_split
 from ops.pooling.hat_split import hat_word_boundaries
+from ops.pooling.learned import binomial_prior_loss
+from ops.pooling.learned import entropy_spikes
+from ops.pooling.learned import learned_boundaries
+from ops.pooling.learned import next_byte_entropy
+from ops.pooling.learned import relaxed_bernoulli
+from ops.pooling.learned import sigmoid_bce
+from ops.pooling.learned import straight_through
 
 __all__ = [
     "compact_indices", "gather_rows",
     "Groups", "group_ids", "pool", "upsample",
     "fixed_boundaries", "whitespace_boundaries", "spacelike_boundaries", "is_spacelike",
     "hat_split", "hat_word_boundaries",
+    "learned_boundaries", "relaxed_bernoulli", "straight_through", "binomial_prior_loss",
+    "next_byte_entropy", "entropy_spikes", "sigmoid_bce",
     "shift_right", "fixed_pool", "fixed_upsample",
 ]

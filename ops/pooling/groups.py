@@ -101,7 +101,7 @@ def _scatter(values: jax.Array, slots: jax.Array, num_slots: int, impl: str) -> 
 
 
 def pool(x: jax.Array, groups: Groups, *, mode: str = "mean", impl: str = "segment_sum",
-         null: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+         null: jax.Array | None = None, boundaries: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Pools x [B, T, D] over each group -> (pooled [B, S, D] in x.dtype, valid [B, S] bool), S = capacity.
 
   pooled[:, 0] is the null slot (`null` [D], zeros when None); pooled[:, j + 1] pools group j (spec §5.1's
@@ -111,6 +111,14 @@ def pool(x: jax.Array, groups: Groups, *, mode: str = "mean", impl: str = "segme
   are dropped. valid: slot 0, and every slot holding at least one byte.
   impl: "segment_sum" (`jax.ops.segment_sum` vmapped over the batch) or "onehot" (a [T, S] one-hot
   matmul per row, MXU-friendly; §19.2); they are equal up to f32 rounding order.
+  boundaries [B, T] float (optional): the boundaries `groups` was built from as floats whose forward values
+  are those 0/1, e.g. a straight-through estimate (`ops.pooling.learned`); then the pooled groups are
+  differentiable w.r.t. them, as dynamic pooling's one-hot (B, T, S) matrix normalised over T (§5.1):
+  entry (t, g_t + 1) is 1 - (j - g~_t) with j = g_t the hard group and g~_t = sum_{i<t} b_i from the float
+  b, 1 in the forward pass, so d entry / d b_i = 1 for i < t. Both impls apply it as a per-byte weight
+  w_t = 1 + (g~_t - stopgrad(g~_t)) on x and on the counts (the same matrix, one nonzero per row):
+  "mean" pools sum_t w_t h_t / sum_t w_t, so d pooled_j / d b_i = sum_{t in j, t > i} (h_t - pooled_j) / n_j.
+  Upsampling has no such path (dynamic pooling's upsampling matrix, normalised over S, has zero gradient).
   """
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
@@ -121,13 +129,21 @@ def pool(x: jax.Array, groups: Groups, *, mode: str = "mean", impl: str = "segme
   num_slots = groups.capacity
   slots = groups.exclusive + 1
   slots = jnp.where(slots < num_slots, slots, num_slots)
-  counts = _scatter(jnp.ones(x.shape[:2] + (1,), x.dtype), slots, num_slots, impl)  # [B, S, 1]
+  ones = jnp.ones(x.shape[:2] + (1,), x.dtype)
+  if boundaries is not None:
+    if boundaries.shape != groups.exclusive.shape:
+      raise ValueError(f"boundaries {boundaries.shape} must be [B, T] = {groups.exclusive.shape}.")
+    b = boundaries.astype(jnp.float32)
+    soft_groups = jnp.cumsum(b, axis=1) - b
+    weight = (1.0 + (soft_groups - jax.lax.stop_gradient(soft_groups)))[..., None]  # forward: exactly 1
+    ones, x = ones * weight, x * weight.astype(x.dtype)
+  counts = _scatter(ones, slots, num_slots, impl)  # [B, S, 1]
   if mode == "last":
     is_last = (groups.inclusive > groups.exclusive).at[:, -1].set(True)  # b_t, or the window's last byte
     x = jnp.where(is_last[..., None], x, jnp.zeros((), x.dtype))
   pooled = _scatter(x, slots, num_slots, impl)
   if mode == "mean":
-    pooled = pooled / jnp.maximum(counts, 1.0)
+    pooled = pooled / jnp.where(counts > 0, counts, 1.0)  # not maximum: its gradient at counts == 1 is 1/2
   null = jnp.zeros(x.shape[-1:], jnp.float32) if null is None else null.astype(jnp.float32)
   pooled = pooled.at[:, 0].set(jnp.broadcast_to(null, pooled.shape[:1] + pooled.shape[2:]))
   valid = (counts[..., 0] > 0).at[:, 0].set(True)

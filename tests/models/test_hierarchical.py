@@ -1,6 +1,10 @@
 """Shared suite of the hierarchical byte LMs (models/hierarchical.py): every config in CONFIGS is tested
 for exact causality, document isolation, overflow, text without spaces and generation, with no per-config
-test code."""
+test code. The trained boundary sources ("learned", "entropy", TRAINED) are also checked for causality in
+train mode (fixed Gumbel noise), for a straight-through gradient that never sees later bytes, for their
+boundary loss against the spec's formulas and for what trains their predictor."""
+
+import math
 
 import flax.linen as nn
 import jax
@@ -9,6 +13,7 @@ import numpy as np
 import pytest
 
 import models
+from models import hierarchical
 from configs import dynamic_pooling, hat, hourglass, spacebyte
 from data import bytes as byte_ids
 
@@ -19,7 +24,11 @@ CONFIGS = {
     "dynamic_pooling_last_gla_global": (dynamic_pooling, {"pooling": "last", "global_mixer": "gla"}),
     "spacebyte": (spacebyte, {"global_d_model": 64, "global_num_heads": 2}),
     "hat_words": (hat, {}),
+    "dynamic_pooling_learned": (dynamic_pooling, {"boundaries": "learned"}),
+    "dynamic_pooling_entropy": (dynamic_pooling, {"boundaries": "entropy"}),
 }
+TRAINED = sorted(n for n, (_, o) in CONFIGS.items() if o.get("boundaries") in hierarchical.TRAINED_SOURCES)
+NOISE = jax.random.key(7)  # the Gumbel noise of train-mode applies: the same key for every call
 TEXT = "def f(x):  return x + 1\nclass A: pass  # 中文 ok"
 
 
@@ -38,10 +47,13 @@ def tiny(name, **extra):
   return config
 
 
-def setup(name, seq_len=32, **extra):
+def setup(name, seq_len=32, train=False, **extra):
+  """(family, params, apply); train: apply runs the train-mode module with the fixed noise key NOISE."""
   family = models.get_family(tiny(name, **extra))
   params = nn.unbox(family.init(jax.random.key(0), family.example_batch(2, seq_len)))
-  apply = jax.jit(lambda ids, seg=None: family.module().apply({"params": params}, ids, seg))
+  rngs = {hierarchical.BOUNDARY_RNG: NOISE} if train else {}
+  apply = jax.jit(lambda ids, seg=None: family.module(train=train).apply({"params": params}, ids, seg,
+                                                                         rngs=rngs))
   return family, params, apply
 
 
@@ -52,10 +64,19 @@ def text_ids(text, length):
   return ids
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_logits_never_see_later_bytes(name):
-  """Changing any byte after t (boundaries included) leaves logits[<= t] exactly as they were."""
-  _, _, apply = setup(name)
+def causal_batch(ids):
+  """A causal_lm batch of one document per row, every target weighted."""
+  ids = jnp.asarray(ids)
+  return {"inputs": ids, "targets": jnp.roll(ids, -1, axis=1), "weights": jnp.ones(ids.shape, jnp.float32),
+          "segment_ids": jnp.ones(ids.shape, jnp.int32),
+          "positions": jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)}
+
+
+@pytest.mark.parametrize("name, train", [(n, False) for n in sorted(CONFIGS)] + [(n, True) for n in TRAINED])
+def test_logits_never_see_later_bytes(name, train):
+  """Changing any byte after t (boundaries included) leaves logits[<= t] exactly as they were; trained
+  sources also in train mode (Gumbel-sampled boundaries, the same noise for every call)."""
+  _, _, apply = setup(name, train=train)
   rng = np.random.default_rng(1)
   ids = np.stack([text_ids(TEXT, 32), rng.integers(3, 259, 32)]).astype(np.int32)
   base = np.asarray(apply(jnp.asarray(ids)))
@@ -86,11 +107,7 @@ def test_overflow_is_masked_and_counted_and_no_boundaries_works(name):
   family, params, _ = setup(name, capacity=3)
   crowded = text_ids("a b c d e f g h i j k l m n o p", 32)  # more boundaries than 2 groups
   plain = text_ids("abcdefghijklmnopqrstuvwxyzabcdef", 32)  # no spaces at all
-  ids = jnp.asarray(np.stack([crowded, plain]))
-  batch = {"inputs": ids, "targets": jnp.roll(ids, -1, axis=1), "weights": jnp.ones(ids.shape, jnp.float32),
-           "segment_ids": jnp.ones(ids.shape, jnp.int32),
-           "positions": jnp.broadcast_to(jnp.arange(32), ids.shape)}
-  objective, sums = family.loss(params, batch, train=False)
+  objective, sums = family.loss(params, causal_batch(np.stack([crowded, plain])), train=False)
   assert np.isfinite(float(objective))
   assert float(sums["overflow_bytes"]) > 0
   assert float(sums["weight"]) + float(sums["overflow_bytes"]) == 64.0  # every byte is scored or counted
@@ -110,6 +127,101 @@ def test_generate_continues_the_greedy_forward(name):
     assert out[0, i] == logits[0, 5 + i].argmax()
 
 
+def _perturbed_after(ids, t, rng):
+  changed = ids.copy()
+  changed[:, t + 1:] = rng.integers(3, 259, changed[:, t + 1:].shape)
+  return changed
+
+
+def test_straight_through_gradient_never_sees_later_bytes():
+  """The "learned" source in train mode: the parameter gradient of logits[:, <= t] (the straight-through path into the
+  predictor included) is the same whatever bytes follow t."""
+  family, params, _ = setup("dynamic_pooling_learned")
+  module = family.module(train=True)
+  rng = np.random.default_rng(2)
+  ids = np.stack([text_ids(TEXT, 32), rng.integers(3, 259, 32)]).astype(np.int32)
+  cot = jnp.asarray(rng.normal(size=(2, 32, 259)), jnp.float32)
+
+  @jax.jit
+  def grads(ids, t):
+    def f(p):
+      logits = module.apply({"params": p}, ids, rngs={hierarchical.BOUNDARY_RNG: NOISE})
+      return jnp.sum(jnp.where(jnp.arange(32)[None, :, None] <= t, logits * cot, 0.0))
+    return jax.grad(f)(params)
+
+  for t in (5, 13, 24):
+    base = grads(jnp.asarray(ids), t)
+    assert float(jnp.abs(base["boundary_predictor"]["wo"]["kernel"]).sum()) > 0
+    out = grads(jnp.asarray(_perturbed_after(ids, t, rng)), t)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=f"t={t}"),
+                 base, out)
+
+
+@pytest.mark.parametrize("name", TRAINED)
+def test_boundary_loss_is_the_spec_formula_and_joins_the_objective(name):
+  """The family's "boundary_loss" is, recomputed from the captured predictor logits z and the model's
+  logits: "learned" -> mean over rows of -log Binomial(sum_t b_t; T, 0.2) / T with b = 1[sigmoid(z) > 0.5]
+  (evaluation); "entropy" -> mean BCE(z, spikes of H(logits)) over the bytes the predictor decides. It is
+  added to aux_loss and the objective (times the target count) and summarized as a per-target mean."""
+  family, params, _ = setup(name)
+  ids = np.stack([text_ids(TEXT, 32), np.random.default_rng(3).integers(3, 259, 32)]).astype(np.int32)
+  ids[0, 20] = byte_ids.EOS_ID
+  batch = causal_batch(ids)
+  objective, sums = family.loss(params, batch, train=False)
+  (logits, aux), state = hierarchical.HierarchicalLM(family.config, with_aux=True).apply(
+      {"params": params}, batch["inputs"], capture_intermediates=lambda m, _: isinstance(
+          m, hierarchical.BoundaryPredictor), mutable=["intermediates"])
+  z = np.asarray(state["intermediates"]["boundary_predictor"]["__call__"][0], np.float64)
+  hard = (1 / (1 + np.exp(-z)) > 0.5) | (ids == byte_ids.EOS_ID)
+  if name.endswith("learned"):
+    n = 32
+    want = np.mean([-(math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * math.log(0.2)
+                      + (n - k) * math.log(0.8)) / n for k in hard.sum(axis=1)])
+  else:
+    lg = np.asarray(logits, np.float64)
+    p = np.exp(lg - lg.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    h = -np.sum(p * np.log(p), axis=-1)
+    spikes = np.ones(h.shape, bool)
+    for i in (1, 2):
+      spikes[:, i:] &= h[:, i:] > h[:, :-i]
+    bce = np.logaddexp(0, z) - spikes * z
+    want = bce[ids != byte_ids.EOS_ID].mean()
+  np.testing.assert_allclose(float(aux["boundary_loss"]), want, rtol=1e-4)
+  weight = float(sums["weight"])
+  np.testing.assert_allclose(float(sums["boundary_loss"]), want * weight, rtol=1e-4)
+  np.testing.assert_allclose(float(sums["aux_loss"]), float(sums["boundary_loss"]), rtol=1e-6)
+  np.testing.assert_allclose(float(objective), float(sums["nll"]) + float(sums["boundary_loss"]), rtol=1e-5)
+  np.testing.assert_allclose(float(family.summarize(sums)["boundary_loss"]), want, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", TRAINED)
+def test_what_trains_the_predictor(name):
+  """The "learned" source: the LM loss alone reaches the predictor (straight-through pooling) and training samples
+  other boundaries than evaluation; "entropy": only the BCE does (its boundaries are hard), and train and
+  evaluation forwards are the same."""
+  family, params, _ = setup(name)
+  batch = causal_batch(np.stack([text_ids(TEXT, 32), text_ids("abc def ghi jkl mno pqr stu vwx", 32)]))
+
+  def nll(p, train):
+    return family.loss(p, batch, rng=NOISE, train=train)[1]["nll"]
+
+  lm_grad = jax.grad(nll)(params, True)["boundary_predictor"]
+  total = jax.grad(lambda p: family.loss(p, batch, rng=NOISE, train=True)[0])(params)["boundary_predictor"]
+  lm_norm = sum(float(jnp.abs(x).sum()) for x in jax.tree.leaves(lm_grad))
+  assert sum(float(jnp.abs(x).sum()) for x in jax.tree.leaves(total)) > 0
+  sums_train = family.loss(params, batch, rng=NOISE, train=True)[1]
+  sums_eval = family.loss(params, batch, train=False)[1]
+  if name.endswith("learned"):
+    assert lm_norm > 0
+    assert float(sums_train["nll"]) != float(sums_eval["nll"])
+    other = family.loss(params, batch, rng=jax.random.key(8), train=True)[1]
+    assert float(other["nll"]) != float(sums_train["nll"])  # the noise comes from rng
+  else:
+    assert lm_norm == 0
+    np.testing.assert_allclose(float(sums_train["nll"]), float(sums_eval["nll"]), rtol=1e-6)
+
+
 def test_bad_options_are_one_clear_error():
   with pytest.raises(ValueError, match="unknown model.hierarchical.boundaries"):
     models.get_family(tiny("hourglass", boundaries="entropyy"))
@@ -117,3 +229,6 @@ def test_bad_options_are_one_clear_error():
     models.get_family(tiny("hourglass", pooling="max"))
   with pytest.raises(ValueError, match="global_mixer: unknown model.mixer"):
     models.get_family(tiny("hourglass", global_mixer="nope"))
+  for option, value in (("temperature", 0.0), ("prior", 1.0), ("spikes_left", 0)):
+    with pytest.raises(ValueError, match=f"model.hierarchical.{option}"):
+      models.get_family(tiny("dynamic_pooling_learned", **{option: value}))
