@@ -96,6 +96,11 @@ class ModelFamily:
     del sums
     return aux_state
 
+  def flops_per_byte(self, seq_len: int) -> dict[str, Any] | None:
+    """Training FLOPs per byte (models/flops.py breakdown) for sequences of seq_len, or None if uncounted."""
+    del seq_len
+    return None
+
   def summarize(self, sums: dict[str, Any]) -> dict[str, Any]:
     """Derived metrics {name: value} from metric sums (train step or a whole evaluation)."""
     del sums

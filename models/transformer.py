@@ -159,6 +159,10 @@ class TransformerFamily(ModelFamily):
       raise ValueError(f"unknown model.remat {self.config.remat!r}; expected none or one of "
                        f"{sorted(_REMAT_POLICIES)}.")
 
+  def flops_per_byte(self, seq_len: int) -> dict[str, Any] | None:
+    from models import flops  # noqa: PLC0415  (models/flops.py reads this module's helpers: import late)
+    return flops.training_flops_per_byte(self.config, seq_len)
+
   def stream(self) -> Any:
     """The token-stream transform of `TransformerLM.stream` (None: the ids themselves)."""
     return None

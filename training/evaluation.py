@@ -28,9 +28,11 @@ def load_run_config(workdir: str, checkpointer: ckpt_lib.Checkpointer, step: int
   if os.path.isfile(path):
     with open(path) as f:
       try:
-        return ml_collections.ConfigDict(json.load(f))
+        saved = json.load(f)
       except json.JSONDecodeError as e:
         raise ConfigError(f"{path} is not valid JSON ({e}).") from None
+    saved.pop("compute", None)  # the run's FLOPs accounting, written beside the config for readers
+    return ml_collections.ConfigDict(saved)
   return ml_collections.ConfigDict(checkpointer.restore_config(step))
 
 

@@ -22,6 +22,7 @@ import numpy as np
 from data import bytes as byte_vocab
 from data import corpora
 from data import pipeline
+from models import flops
 from training import checkpoint as ckpt_lib
 from training import runtime
 from training import sharding
@@ -199,9 +200,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     logger = MetricsLogger(workdir, enabled=is_main)
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep,
                                          async_save=config.checkpoint.async_save)
+    compute = family.flops_per_byte(t.seq_len)
     if is_main:
       print(runtime.describe_run(workdir, config, mesh, runtime.param_count(abstract_state.params),
                                  _split_bytes(config.data)), flush=True)
+      if compute is not None:
+        print(flops.describe(compute), flush=True)
     start = checkpointer.latest_step()
     if start is None:
       init = jax.jit(lambda r: nn.unbox(ts.init_train_state(family, tx, r, t.seq_len)),
@@ -218,8 +222,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     eval_jit = jax.jit(eval_fn, in_shardings=(shardings.params, batch_sharding))
 
     if is_main:  # only once setup (data, checkpoint restore) succeeded: a failed start leaves it as it was
-      with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(config_dict, f, indent=2, default=list)
+      with open(os.path.join(workdir, "config.json"), "w") as f:  # + the compute accounting, for readers
+        json.dump({**config_dict, **({"compute": compute} if compute else {})}, f, indent=2, default=list)
 
     progress = ProgressBar(t.steps, start_step=start, enabled=is_main and t.progress_bar)
     if start and is_main:  # printed even without a progress bar: a resume should never be silent
