@@ -6,6 +6,8 @@ Each step directory holds three items: `state` (TrainState, restored straight in
 keep-N rotation after a *successful* save.
 """
 
+import dataclasses
+import json
 import logging
 import os
 import sys
@@ -83,6 +85,43 @@ class _DropAbortedRestoreTasks(logging.Filter):
     return not (f"{os.sep}orbax{os.sep}" in message or "in OCDBT database at" in message)
 
 
+class _DataHandler(grain.checkpoint.CheckpointHandler):
+  """grain's iterator handler that also restores a checkpoint saved by a different number of processes.
+
+  grain writes one process_<i>-of-<n>.json per process and reads back only its own name, so a 1-process
+  checkpoint could not resume in 2 processes. The train iterator's state is the global batch index, the
+  same on every process whatever their number (data/pipeline.py), so a missing own file is replaced by
+  the saved processes' common state; saved states that differ are an error. The files are grain's own
+  (checkpoints written before this handler restore unchanged); the metadata names this class.
+  """
+
+  def restore(self, directory: Any, item: Any = None, args: Any = None) -> Any:
+    if (directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json").exists():
+      return super().restore(directory, item, args)
+    states = {f.read_text() for f in directory.glob("process_*-of-*.json")}
+    if len(states) != 1:
+      what = "differ between the processes that saved them" if states else "are missing"
+      raise ValueError(f"the data iterator states in {directory} {what}, so none can be restored on "
+                       f"{jax.process_count()} process(es).")
+    item = item or args.item
+    item.set_state(json.loads(states.pop()))
+    item.start_prefetch()
+    return item
+
+
+# orbax maps each args type to one handler type: grain's CheckpointSave/Restore belong to grain's handler.
+@ocp.args.register_with_handler(_DataHandler, for_save=True)
+@dataclasses.dataclass
+class _DataSave(ocp.args.CheckpointArgs):
+  item: Any
+
+
+@ocp.args.register_with_handler(_DataHandler, for_restore=True)
+@dataclasses.dataclass
+class _DataRestore(ocp.args.CheckpointArgs):
+  item: Any
+
+
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
@@ -97,7 +136,7 @@ class Checkpointer:
         read_only=read_only, save_interval_steps=0 if read_only else 1,
         enable_async_checkpointing=async_save, cleanup_tmp_directories=False)
     handlers = {"state": ocp.PyTreeCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
-                "data": grain.checkpoint.CheckpointHandler()}
+                "data": _DataHandler()}
     if read_only and not os.path.isdir(self.directory):
       self._manager = None
     else:
@@ -115,7 +154,7 @@ class Checkpointer:
     if step in self.all_steps():
       return False
     return self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeSave(state), data=grain.checkpoint.CheckpointSave(data_iterator),
+        state=ocp.args.PyTreeSave(state), data=_DataSave(data_iterator),
         config=ocp.args.JsonSave(config_dict)), force=True)
 
   def restore(self, step: int, abstract_state: Any, data_iterator: Any | None) -> Any:
@@ -123,7 +162,7 @@ class Checkpointer:
     items = {"state": ocp.args.PyTreeRestore(
         item=abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))}
     if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+      items["data"] = _DataRestore(data_iterator)
     restored = self._restore(step, items)
     return restored["state"]
 

@@ -207,6 +207,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       if compute is not None:
         print(flops.describe(compute), flush=True)
     start = checkpointer.latest_step()
+    # JAX's preemption sync point is one past the largest step any process has reported (0 before the first
+    # report): report the start now, so that a SIGTERM from here on (restoring, compiling) stops a resumed
+    # run after its first step instead of waiting for a step that has already passed.
+    preempted_before_start = checkpointer.reached_preemption(start or 0)
     if start is None:
       init = jax.jit(lambda r: nn.unbox(ts.init_train_state(family, tx, r, t.seq_len)),
                      out_shardings=shardings)
@@ -265,6 +269,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     profile = tuple(t.get("profile_steps", ()))
     stopped_by = None
     with _StopSignal(install=jax.process_count() == 1) as stop:
+      if preempted_before_start:  # the sync point is the start itself: stop after one step, as every process
+        stop.received = "preemption"
       step = start
       while step < t.steps:
         if profile and step + 1 == profile[0]:
