@@ -1,10 +1,11 @@
 """ByT5 / MrT5 through the unchanged train.py / evaluate.py: span corruption, exact resume with the PI
 controller's state, deletion-rate control, bits per target byte and encoder-decoder generation."""
 
-import importlib.util
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -19,21 +20,21 @@ TINY = ["--config.model.d_model=32", "--config.model.num_heads=2", "--config.mod
         "--config.optimizer.warmup_steps=5"]
 
 
-def _script(name):
-  spec = importlib.util.spec_from_file_location(f"_{name}_ed", os.path.join(REPO_ROOT, f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def _records(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f if line.strip()]
 
 
+def _run(script, *args, timeout=600):
+  """A fresh process per run: the in-process compiles of a long suite stay out of these programs' way."""
+  proc = subprocess.run([sys.executable, f"{script}.py", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=timeout)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout
+
+
 def _train(config, workdir, *extra):
-  argv = ["train.py", f"--config={REPO_ROOT}/configs/{config}.py", f"--workdir={workdir}", *TINY, *extra]
-  assert _script("train").main(argv) == 0
+  return _run("train", f"--config=configs/{config}.py", f"--workdir={workdir}", *TINY, *extra)
 
 
 @pytest.fixture(scope="module")
@@ -91,9 +92,8 @@ def test_controller_moves_the_deletion_rate_toward_the_target(tmp_path):
 def test_byt5_trains_and_evaluates_bits_per_target_byte_and_generates(tmp_path):
   workdir = str(tmp_path / "byt5")
   _train("byt5", workdir, "--config.train.steps=4", "--config.checkpoint.every=4")
-  evaluate = _script("evaluate")
-  assert evaluate.main(["evaluate.py", f"--workdir={workdir}", "--tasks=bpb,generate", "--prompt=def main(",
-                        "--generate.max_new_bytes=6"]) == 0
+  _run("evaluate", f"--workdir={workdir}", "--tasks=bpb,generate", "--prompt=def main(",
+       "--generate.max_new_bytes=6")
   with open(os.path.join(workdir, "eval", "bpb_step4.json")) as f:
     bpb = next(iter(json.load(f)["entries"].values()))["metrics"]
   assert bpb["bpb"] > 0 and bpb["bytes"] > 0 and bpb["special_targets"] > 0
@@ -108,8 +108,6 @@ def test_byt5_trains_and_evaluates_bits_per_target_byte_and_generates(tmp_path):
     (["--config=configs/byt5.py", "--config.train.seq_len=2"], "error: a span-corrupted input of 2 ids cannot"),
 ])
 def test_bad_encoder_decoder_config_is_one_error_line_and_writes_nothing(tmp_path, args, expected):
-  import subprocess
-  import sys
   workdir = tmp_path / "run"
   proc = subprocess.run([sys.executable, "train.py", *args, f"--workdir={workdir}"], cwd=REPO_ROOT,
                         env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300)
@@ -119,14 +117,12 @@ def test_bad_encoder_decoder_config_is_one_error_line_and_writes_nothing(tmp_pat
   assert not workdir.exists() or not any(workdir.iterdir())
 
 
-def test_mrt5_initialised_from_a_trained_byt5(tmp_path, capsys):
+def test_mrt5_initialised_from_a_trained_byt5(tmp_path):
   """train.init_from: MrT5 continues from ByT5 (spec §3.1, §3.6); only the gate is new."""
   byt5_dir, mrt5_dir = str(tmp_path / "byt5"), str(tmp_path / "mrt5")
   _train("byt5", byt5_dir, "--config.train.steps=2", "--config.checkpoint.every=2")
-  capsys.readouterr()
-  _train("mrt5", mrt5_dir, "--config.train.steps=1", "--config.checkpoint.every=1",
-         f"--config.train.init_from={byt5_dir}")
-  out = capsys.readouterr().out
+  out = _train("mrt5", mrt5_dir, "--config.train.steps=1", "--config.checkpoint.every=1",
+               f"--config.train.init_from={byt5_dir}")
   line = next(line for line in out.splitlines() if line.startswith("initialised "))
   assert f"from {byt5_dir} (step 2)" in line
   assert all("delete_gate" in name for name in line.split("new: ")[1].split(", "))
