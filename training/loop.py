@@ -191,6 +191,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   with runtime.mesh_context(config) as mesh:
     abstract_state, shardings = ts.state_shardings(family, tx, config, mesh)
     batch_sharding = sharding.batch_sharding(mesh)
+    sharding.check_batch_splits(mesh, {"train.batch_size": t.batch_size, "eval.batch_size": config.eval.batch_size})
     data_iter = pipeline.make_train_iterator(
         config.data, seq_len=t.seq_len, global_batch_size=t.batch_size, seed=t.seed,
         process_index=jax.process_index(), process_count=jax.process_count(),

@@ -11,6 +11,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from training.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the global batch is split over both data-parallel axes
 
@@ -53,6 +55,21 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rules: Sequence[tuple[str,
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """[batch, ...] arrays: rows split over ("data", "fsdp"), everything else replicated."""
   return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def check_batch_splits(mesh: Mesh, batch_sizes: Mapping[str, int]) -> None:
+  """One ConfigError line for a batch ({config key: size}) that the batch axes do not split evenly, or for
+  a mesh whose batch shards do not split evenly over the processes (each process feeds only its own rows)."""
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  for key, size in batch_sizes.items():
+    if size % shards:
+      raise ConfigError(f"{key} {size} does not split over data x fsdp = {shards} batch shards of the mesh "
+                        f"{dict(mesh.shape)}.")
+  local = {index[0].start for index in batch_sharding(mesh).addressable_devices_indices_map((shards,)).values()}
+  if len(local) * jax.process_count() != shards:
+    raise ConfigError(f"the mesh {dict(mesh.shape)} puts {len(local)} of its {shards} batch shard(s) on process "
+                      f"{jax.process_index()}, not 1/{jax.process_count()} of them (each process feeds its own "
+                      f"rows): data x fsdp must span the processes, tensor stay within one.")
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

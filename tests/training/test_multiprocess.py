@@ -12,7 +12,11 @@ independent runs together so that their compile times overlap:
   eval   evaluate.py in 1 process on 1 device restores mp's step-10 checkpoint (another topology)
   ref>mp ref's step-5 checkpoint resumed in 2 processes
 
-Every wait is bounded (TIMEOUT_S per run); on a timeout or failure all processes of the run are killed.
+Bad input (a mesh that does not fit, a batch that does not split, tensor across processes) is one error line
+on every process. Every wait is bounded (TIMEOUT_S per run); on a timeout or a failure all processes of the
+run are killed. The subprocess tests take 1 to 2 minutes on 2 busy cores, so they need --runslow:
+
+    pytest --runslow -m multiprocess tests/training/test_multiprocess.py
 """
 
 import json
@@ -29,6 +33,8 @@ import numpy as np
 import pytest
 
 pytestmark = pytest.mark.multiprocess
+# 1 to 2 minutes on 2 busy cores (8 JAX processes start and compile), more than the default suite's budget
+slow = pytest.mark.slow
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIMEOUT_S = 300
@@ -82,9 +88,9 @@ class _Run:
     """Exit codes of every process; kills them all when one fails or TIMEOUT_S passes."""
     deadline = time.monotonic() + TIMEOUT_S
     while any(p.poll() is None for p in self.procs):
-      failed = any(p.poll() not in (None, 0) for p in self.procs)
-      if failed or time.monotonic() > deadline:
-        time.sleep(5 if failed else 0)  # let the others print their own error first
+      if any(p.poll() not in (None, 0) for p in self.procs):  # the others get 5 s to stop by themselves
+        deadline = min(deadline, time.monotonic() + 5)
+      if time.monotonic() > deadline:
         self.kill()
         break
       time.sleep(0.1)
@@ -181,6 +187,7 @@ def _assert_matches_ref(records: dict[int, dict], ref: dict[int, dict], steps) -
     assert records[step]["lr"] == pytest.approx(ref[step]["lr"], rel=1e-7)
 
 
+@slow
 def test_two_processes_match_one_process_at_every_step(scenario):
   """Steps 1..S before the SIGTERM and S+1..10 after the resume: each loss and grad norm equals 1 process."""
   ref = _train_records(scenario["dirs"]["ref"])
@@ -189,6 +196,7 @@ def test_two_processes_match_one_process_at_every_step(scenario):
   _assert_matches_ref(mp, ref, range(1, STEPS + 1))
 
 
+@slow
 def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(scenario):
   run, stopped = scenario["runs"]["mp"], scenario["stopped"]
   match = re.search(r"stopped by preemption at step (\d+); checkpoint saved in", run.text(0))
@@ -205,6 +213,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(scenario):
   assert "final valid bits-per-byte" in resumed
 
 
+@slow
 def test_only_process_0_writes_the_run_files_and_prints(scenario):
   workdir, runs = scenario["dirs"]["mp"], scenario["runs"]
   writers = {str(runs[name].procs[0].pid) for name in ("mp", "mp_resume")}
@@ -217,6 +226,7 @@ def test_only_process_0_writes_the_run_files_and_prints(scenario):
     assert printed == [], printed  # no start line, progress, resume or final line on process 1
 
 
+@slow
 def test_evaluate_restores_the_2_process_checkpoint_in_one_process(scenario):
   run = scenario["runs"]["eval"]
   assert run.wait() == [0], run.text(0, "err")[-3000:]
@@ -228,6 +238,7 @@ def test_evaluate_restores_the_2_process_checkpoint_in_one_process(scenario):
   assert entry["metrics"]["bpb"] == pytest.approx(ref[-1], rel=REL)
 
 
+@slow
 def test_1_process_checkpoint_resumes_in_2_processes(scenario):
   run = scenario["runs"]["ref_to_mp"]
   run.check()
@@ -237,6 +248,28 @@ def test_1_process_checkpoint_resumes_in_2_processes(scenario):
   assert sorted(resumed) == list(range(1, STEPS + 1))
   _assert_matches_ref(resumed, ref, range(6, STEPS + 1))
 
+
+@slow
+@pytest.mark.parametrize("args, expected", [
+    (["--config.mesh.fsdp=3"], "error: mesh {'data': 2, 'fsdp': 3, 'tensor': 1} needs 6 devices but 4 are "
+     "available."),
+    (["--config.train.batch_size=6"], "error: train.batch_size 6 does not split over data x fsdp = 4 batch "
+     "shards of the mesh {'data': 2, 'fsdp': 2, 'tensor': 1}."),
+    (["--config.mesh.data=1", "--config.mesh.fsdp=1", "--config.mesh.tensor=4", "--config.model.num_heads=4"],
+     "error: the mesh {'data': 1, 'fsdp': 1, 'tensor': 4} puts 1 of its 1 batch shard(s) on process {i}, "
+     "not 1/2 of them"),
+], ids=["mesh_does_not_fit", "batch_does_not_split", "tensor_across_processes"])
+def test_bad_input_is_one_error_line_on_every_process(tmp_path, args, expected):
+  workdir = str(tmp_path / "run")
+  run = _Run(str(tmp_path), "bad", [*TRAIN_ARGS, f"--workdir={workdir}", *args], processes=2, devices=2)
+  try:
+    assert run.wait() == [1, 1]
+    for i in range(2):
+      lines = [line for line in run.text(i, "err").splitlines() if line.strip()]
+      assert len(lines) == 1 and lines[0].startswith(expected.replace("{i}", str(i))), (i, lines)
+    assert not os.path.exists(workdir)  # nothing written
+  finally:
+    run.kill()
 
 # ----------------------------------------------------------------------------
 # In-process: the data iterator state of a checkpoint saved by another number of processes.
