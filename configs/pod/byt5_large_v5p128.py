@@ -20,7 +20,7 @@ def get_config():
   config.mesh.tensor = 4
   # The byt5 family has no remat option, so micro-batches bound the activations: 16 of 64 sequences (4 per
   # fsdp shard). The planner's XLA:CPU estimate is about 14 GiB per sequence per shard without remat, too
-  # much for a v5e's 16 GiB even at 1; here about 57 GiB of 95. The optimizer step still sees all 1024.
+  # much for a v5e's 16 GiB even at 1; here 63 GiB of 95. The optimizer step still sees all 1024.
   config.train.grad_accum = 16
   # bf16 matmuls, float32 params and optimizer state (t5x trained ByT5 in bf16 with Adafactor; AdamW here).
   config.train.compute_dtype = "bfloat16"
