@@ -28,3 +28,15 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def repo_root() -> str:
   return REPO_ROOT
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """Drop JAX's compiled programs after each test module.
+
+  Every XLA:CPU executable keeps memory mappings, and one pytest process compiles thousands of programs
+  over the suite. Past the kernel's map limit (vm.max_map_count, 65530 here) the next compile segfaults
+  (seen late in clean-checkout runs). Modules rarely share programs, so clearing costs little.
+  """
+  yield
+  jax.clear_caches()
