@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import time
 
 import numpy as np
 import pytest
@@ -36,6 +37,15 @@ def _read_jsonl(workdir):
 
 def _events_files(workdir):
   return sorted(glob.glob(os.path.join(workdir, "events.out.tfevents.*")))
+
+
+def _next_second():
+  """Waits for the next wall-clock second. TensorBoard reads event files in name order, and a name is
+  events.out.tfevents.<second>.<host>.<pid>.<per-process counter>: two files of one process in the same
+  second sort by that counter as text (10 before 9), which a resumed run in a new process never hits."""
+  start = int(time.time())
+  while int(time.time()) == start:
+    time.sleep(0.02)
 
 
 def _tb_scalars(workdir):
@@ -125,6 +135,7 @@ def test_logger_resume_keeps_new_keys_only(tmp_path):
   # A crash cut the last line short (no newline).
   with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
     f.write('{"step": 3, "lo')
+  _next_second()
   with metrics.MetricsLogger(workdir) as logger:  # Resumed from step 1.
     logger.write(2, {"loss": 2.1, "eval/bpb": 1.4})  # Only eval/bpb is new.
     logger.write(3, {"loss": 1.0})
