@@ -78,19 +78,17 @@ LOBEF_DEFAULTS: dict[str, Any] = {
 _SPACE_IDS = tuple(b + 3 for b in b" \t\n\r\x0b\x0c")
 
 
-def _section(config: Any, name: str, defaults: dict[str, Any]) -> dict[str, Any]:
-  byt5 = config.get("byt5") if hasattr(config, "get") else None
-  holder = ml_collections.ConfigDict({name: byt5[name]}) if byt5 is not None and name in byt5 else {}
-  return mixer_options(holder, name, defaults)
+_SUBSECTIONS = {"delete_gate": DELETE_GATE_DEFAULTS, "lobef": LOBEF_DEFAULTS}
 
 
 def byt5_options(config: Any) -> dict[str, Any]:
   """The model config's `byt5` options with their defaults; `delete_gate` and `lobef` as sub-dicts."""
-  flat = {k: v for k, v in config.byt5.items() if k not in ("delete_gate", "lobef")} if "byt5" in config \
-      else {}
+  section = dict(config.byt5.items()) if "byt5" in config else {}
+  flat = {k: v for k, v in section.items() if k not in _SUBSECTIONS}
   options = mixer_options(ml_collections.ConfigDict({"byt5": flat}), "byt5", BYT5_DEFAULTS)
-  options["delete_gate"] = _section(config, "delete_gate", DELETE_GATE_DEFAULTS)
-  options["lobef"] = _section(config, "lobef", LOBEF_DEFAULTS)
+  for name, defaults in _SUBSECTIONS.items():
+    given = ml_collections.ConfigDict({name: section[name]}) if name in section else {}
+    options[name] = mixer_options(given, name, defaults)
   return options
 
 
@@ -371,14 +369,18 @@ class ByT5(nn.Module):
                        table)
     return logits, gates
 
-  def _compacted(self, x, y, keep, table, capacity):
-    """Hard deletion: the kept rows of x [B, T, D] (keep [B, T]) in `capacity` slots, original positions,
-    through the later encoder layers and the decoder -> logits."""
-    opts = self.options
+  def _compacted_encoder(self, x, keep, table, capacity):
+    """Hard deletion: the kept rows of x [B, T, D] (keep [B, T]) in `capacity` slots, at their original
+    positions, through the later encoder layers -> (encoded [B, C, D], valid [B, C])."""
     idx, kept = pooling.compact_indices(keep, capacity)
-    enc = self.encoder.upper(pooling.gather_rows(x, idx), kept, jnp.where(kept, idx, 0), table, options=opts,
-                             train=False)
-    return self.logits(self.decoder(y, enc, kept, options=opts, train=False))
+    enc = self.encoder.upper(pooling.gather_rows(x, idx), kept, jnp.where(kept, idx, 0), table,
+                             options=self.options, train=False)
+    return enc, kept
+
+  def _compacted(self, x, y, keep, table, capacity):
+    """Hard deletion through the later encoder layers and the decoder -> logits."""
+    enc, kept = self._compacted_encoder(x, keep, table, capacity)
+    return self.logits(self.decoder(y, enc, kept, options=self.options, train=False))
 
   def forward_kept(self, inputs, decoder_inputs, keep, capacity: int):
     """Teacher-forced logits with a given hard-deletion mask keep [B, T] (benchmarks/mrt5.py): the gate is
@@ -402,11 +404,8 @@ class ByT5(nn.Module):
     if capacity is None:
       enc = self.encoder.upper(x, valid, positions, table, options=opts, train=False, key_bias=gates)
       return enc, valid, gates
-    idx, kept = pooling.compact_indices(deletion.hard_keep(gates, ~valid, threshold=gate["threshold"]),
-                                        capacity)
-    enc = self.encoder.upper(pooling.gather_rows(x, idx), kept, jnp.where(kept, idx, 0), table, options=opts,
-                             train=False)
-    return enc, kept, None
+    keep = deletion.hard_keep(gates, ~valid, threshold=gate["threshold"])
+    return (*self._compacted_encoder(x, keep, table, capacity), None)
 
   def kept_counts(self, inputs):
     """Hard-deletion kept tokens per row [B] (host-side capacity choice for generation)."""
