@@ -263,13 +263,7 @@ class HierarchicalLM(nn.Module):
     x = x + u
     for i in range(opts["decoder_layers"]):
       x = Block(cfg, cfg.mixer, layer_index=i, name=f"decoder_layer_{i}")(x, segment_ids, positions)
-    x = layers.RMSNorm(cfg.norm_eps, dtype, name="final_norm")(x)
-    if cfg.tie_embeddings:
-      logits = embed.attend(x)
-    else:
-      logits = layers.DenseGeneral((embed.num_embeddings,), (layers.EMBED, layers.VOCAB), dtype=dtype,
-                                   name="unembed")(x).astype(jnp.float32)
-    logits = logits[..., :cfg.vocab_size]
+    logits = layers.output_logits(cfg, embed, x, dtype)
     if not self.with_aux:
       return logits
     aux = {"overflow": groups.overflow, "patches": jnp.minimum(groups.counts, groups.capacity - 1)}

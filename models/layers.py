@@ -184,6 +184,20 @@ class Embed(nn.Module):
                       preferred_element_type=jnp.float32) * self.features ** -0.5
 
 
+def output_logits(config: Any, embed: "Embed", x: jax.Array, dtype: Any) -> jax.Array:
+  """The LM head of every byte LM: final norm, then tied (embed.attend) or untied ("unembed") logits.
+
+  x [B, T, D] -> logits [B, T, config.vocab_size] f32 (the embedding's alignment rows dropped). Call it from
+  a `nn.compact` method: "final_norm" and "unembed" are created in, and named under, the caller.
+  """
+  x = RMSNorm(config.norm_eps, dtype, name="final_norm")(x)
+  if config.tie_embeddings:
+    logits = embed.attend(x)
+  else:
+    logits = DenseGeneral((embed.num_embeddings,), (EMBED, VOCAB), dtype=dtype, name="unembed")(x)
+  return logits.astype(jnp.float32)[..., :config.vocab_size]
+
+
 # Decode-time KV cache, shared by every attention-like mixer. State lives in the module's `cache`
 # collection; the first (init) call's input length sets the cache length.
 _EMPTY_SLOT_POSITION = jnp.iinfo(jnp.int32).max  # later than any query: causal masking hides the slot

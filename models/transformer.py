@@ -115,13 +115,7 @@ class TransformerLM(nn.Module):
     else:  # the stack runs on a transformed stream (e.g. inserted tokens), contracted back to [B, T, D]
       x = self.stream(self, hidden_states, inputs, segment_ids, positions, decode=self.decode)
 
-    x = layers.RMSNorm(cfg.norm_eps, dtype, name="final_norm")(x)
-    if cfg.tie_embeddings:
-      logits = embed.attend(x)
-    else:
-      logits = layers.DenseGeneral((embed.num_embeddings,), (layers.EMBED, layers.VOCAB), dtype=dtype,
-                                   name="unembed")(x).astype(jnp.float32)
-    return logits[..., :cfg.vocab_size]  # drop the alignment padding rows
+    return layers.output_logits(cfg, embed, x, dtype)
 
 
 def causal_lm_loss(logits: jax.Array, batch: dict[str, jax.Array], sown: Any, *, train: bool
