@@ -1,10 +1,11 @@
 """Hierarchical byte LMs against the flat byte Transformer: train-step time, FLOPs per byte, compression.
 
-    python -m benchmarks.hierarchical                                    # the four configs + flat, own sizes
+    python -m benchmarks.hierarchical                                    # every config + flat, own sizes
     python -m benchmarks.hierarchical --config.train.batch_size=8 --out=hierarchical.md
     python -m benchmarks.hierarchical --configs=hourglass,spacebyte --rounds=3
 
-For each hierarchical config (`--configs`: configs/hourglass.py, dynamic_pooling.py, spacebyte.py, hat.py)
+For each hierarchical config (`--configs`: configs/hourglass.py, dynamic_pooling.py, spacebyte.py, hat.py,
+megabyte.py, lyt.py, byte2word.py)
 and for the flat byte Transformer (configs/base.py with `model.num_layers` set so that its parameter count
 is nearest the hierarchical configs' median, or `--flat_layers`), in one run:
   * params, and the compiled train step (forward, backward, clipping, AdamW) built and timed as
@@ -39,7 +40,7 @@ from training import sharding
 from training import train_step as ts
 from training.errors import ConfigError
 
-HIERARCHICAL_CONFIGS = ("hourglass", "dynamic_pooling", "spacebyte", "hat")
+HIERARCHICAL_CONFIGS = ("hourglass", "dynamic_pooling", "spacebyte", "hat", "megabyte", "lyt", "byte2word")
 FLAT_CONFIG = "base"
 
 

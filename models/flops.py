@@ -21,7 +21,9 @@ Counting conventions (specs/token_free.md §1.3, applied to every family alike):
     H (C d_k + C d_v + 2 d_k d_v) per token: intra-chunk scores and values over the full C x C chunk,
     the readout q S and the state update k^T v.
   * hierarchical: encoder and decoder byte layers (and a trained source's boundary predictor) at T, the
-    global stack and the down / up projections on S slots (null slot included) at the global width; per
+    global stack and the down / up projections on S slots (null slot included) at the global width, the
+    resampling pieces (attention pooling and upsampling, HAT's connector and predictive embedding,
+    MEGABYTE's slice projection) on the side each matmul runs on, their dense S x T attention; per
     byte = per row / T. S is the static capacity (what the compiled step runs) or, with
     `patches_per_byte` p, S = p T + 1 (what exactly the realised patches would cost; at fixed patches of
     k bytes p = 1/k gives the static capacity back).
@@ -115,6 +117,50 @@ def _predictor(cfg: Any, opts: dict[str, Any]) -> tuple[int, int]:
   return weights, weights + hidden + 1  # + both biases
 
 
+def _resampling(cfg: Any, opts: dict[str, Any], dg: int, seq_len: int, slots: float
+                ) -> tuple[dict[str, dict[str, float]], int]:
+  """(per-byte FLOP parts, params) of the pooling, the way into the global width and the upsampling
+  (HierarchicalLM's _pool, _to_global and upsampling), on S = slots per T = seq_len bytes. Attention
+  pooling / upsampling: q and out projections on the queries' side, k and v on the keys', and the dense
+  S x T scores and values."""
+  d, hd = cfg.d_model, layers.attention_dims(cfg)[0] * layers.attention_dims(cfg)[2]
+  mlp = 3 * d * (cfg.mlp_dim or layers.default_mlp_dim(d))
+  width, rate = hierarchical.group_width(opts), slots / seq_len
+  pool_mode, up_mode, linear = opts["pooling"], opts["upsampling"], opts["projection"] == "linear"
+  in_width = width * d if pool_mode == "concat" else d
+  params = in_width  # the null group
+  on_slots = on_bytes = attention = 0.0  # weight MACs per slot / per byte, attention MACs per byte
+  if pool_mode in ("attention", "latent"):
+    on_slots += 2 * d * hd + (mlp if pool_mode == "attention" else 0)
+    on_bytes += 2 * d * hd
+    attention += 2 * slots * hd
+    params += 4 * d * hd + (mlp + 3 * d if pool_mode == "attention" else 2 * d)  # + norms, or query + norm
+  if linear:  # "down" and its norm
+    on_slots += in_width * dg
+    params += in_width * dg + dg
+  if up_mode in ("gather", "boundary", "attention") and linear:  # "up"
+    on_slots += dg * d
+    params += dg * d
+  if up_mode in ("linear", "attention"):  # "up_linear"
+    on_slots += dg * width * d
+    params += dg * width * d
+  if up_mode == "slice":  # MEGABYTE's W^GL on one slice per byte
+    on_bytes += dg // width * d
+    params += dg // width * d
+  if up_mode == "attention":
+    on_bytes += 2 * d * hd + mlp
+    on_slots += 2 * d * hd
+    attention += 2 * slots * hd
+    params += 4 * d * hd + mlp + 3 * d
+  if up_mode == "cross":  # per decoder layer: norm, value and out on the slots
+    on_slots += opts["decoder_layers"] * (dg * hd + hd * d)
+    params += opts["decoder_layers"] * (dg * hd + hd * d + dg)
+  if opts["decoder_input"] != "encoder":  # decoder_embed (and its pad)
+    params += _vocab_rows(cfg) * d + (d if opts["decoder_input"] == "embed_pad" else 0)
+  parts = {"resampling": {"param_flops": 6.0 * (rate * on_slots + on_bytes), "attention_flops": 6.0 * attention}}
+  return parts, params
+
+
 def _hierarchical_parts(cfg: Any, seq_len: int, slots: float) -> dict[str, dict[str, float]]:
   opts = hierarchical.options(cfg)
   gcfg = hierarchical.global_config(cfg, opts)
@@ -124,10 +170,10 @@ def _hierarchical_parts(cfg: Any, seq_len: int, slots: float) -> dict[str, dict[
   # The global stack runs on the S slots (a fractional S, the realised patches, is kept as is).
   weights, _, attention = _stack(gcfg, (gcfg.mixer,) * opts["global_layers"], slots)
   slot_rate = slots / seq_len
-  projections = 0 if opts["projection"] == "pad" else 2 * d * dg
+  resampling, _ = _resampling(cfg, opts, dg, seq_len, slots)
   return {"encoder": _part(1.0, encoder[0], encoder[2]),
           "boundary_predictor": _part(1.0, _predictor(cfg, opts)[0]),
-          "projections": _part(slot_rate, projections),
+          **resampling,
           "global": _part(slot_rate, weights, attention),
           "decoder": _part(1.0, decoder[0], decoder[2]),
           "logits": _part(1.0, d * _vocab_rows(cfg))}
@@ -175,13 +221,18 @@ def param_count(model_config: Any) -> int:
   gcfg = hierarchical.global_config(cfg, opts)
   byte_layers = _stack(cfg, (cfg.mixer,) * (opts["encoder_layers"] + opts["decoder_layers"]), 1)[1]
   global_layers = _stack(gcfg, (gcfg.mixer,) * opts["global_layers"], 1)[1]
-  projections = 0 if opts["projection"] == "pad" else 2 * d * gcfg.d_model + gcfg.d_model  # + down_norm
-  return total + byte_layers + global_layers + projections + _predictor(cfg, opts)[1] + d  # + the null group
+  resampling = _resampling(cfg, opts, gcfg.d_model, 1, 1)[1]
+  return total + byte_layers + global_layers + resampling + _predictor(cfg, opts)[1]
 
 
 def param_count_non_embedding(model_config: Any) -> int:
-  """Parameters less the input embedding table (an untied output matrix counts, as SpaceByte's m)."""
-  return param_count(model_config) - _vocab_rows(model_config) * model_config.d_model
+  """Parameters less the input embedding tables (an untied output matrix counts, as SpaceByte's m); a
+  hierarchical decoder on fresh embeddings (MEGABYTE's E^l) has a second one."""
+  cfg = model_config
+  tables = 1
+  if cfg.name == "hierarchical" and hierarchical.options(cfg)["decoder_input"] != "encoder":
+    tables = 2
+  return param_count(cfg) - tables * _vocab_rows(cfg) * cfg.d_model
 
 
 def describe(result: dict[str, Any]) -> str:

@@ -61,13 +61,30 @@ HIERARCHICAL_DEFAULTS: dict[str, Any] = {
     "global_d_model": 0,  # 0 = model.d_model
     "global_num_heads": 0,  # 0 = model.num_heads
     "global_mixer": "softmax",
-    "pooling": "mean",  # mean | sum | last  (§5.4: mean beats last)
+    # mean | sum | last (§5.4: mean beats last); attention: Hourglass/Funnel attention pooling (§6: the mean
+    # as query over its group's bytes, then an MLP); latent: HAT's encoder connector (§4.3: one learned
+    # query cross-attends to the word's bytes; Byte2Word §9, LYT's prefix slot §8); concat: the group's
+    # bytes side by side (MEGABYTE's global input §10.1, Hourglass LinearPool), `width` of them.
+    "pooling": "mean",
     # gather: every byte gets its read slot (§5.1); boundary: only the boundary bytes do (SpaceByte's
-    # x[idx] += y, §11.1), the later byte layers carry it on.
+    # x[idx] += y, §11.1), the later byte layers carry it on; linear: Linear(global -> width x d), byte t
+    # takes slice o_t (its read offset; Hourglass LinearUpsampling §6); slice: MEGABYTE's W^GL on slice o_t
+    # of the global output (§10.1, global_d_model = width x slice); attention: Hourglass attention
+    # upsampling (§6: U = x + linear, U + Attn(U, readable slots), then an MLP); cross: HAT's decoder (§4.3:
+    # before each decoder layer h += CrossAttn(RMSNorm(h), RMSNorm(p)) over the one predictive embedding).
     "upsampling": "gather",
     # linear: learned maps between the byte and global widths; pad: SpaceByte's zero-padding up to the
     # global width and truncation to the last d_model dims on the way back (§11.1; needs global >= byte width).
     "projection": "linear",
+    # stream: byte layers attend over the whole (causal) byte stream; patch: only within their group
+    # (encoder; LYT's word encoder) or their read run (decoder; MEGABYTE's local model, LYT's word decoder).
+    "encoder_scope": "stream",
+    "decoder_scope": "stream",
+    # encoder: the decoder continues the encoder's byte states (Hourglass, dynamic pooling, HAT); embed:
+    # from a fresh byte embedding (MEGABYTE's E^l, LYT's canvas); embed_pad: the same with a learned pad at
+    # read offset 0 (MEGABYTE's E^l-pad: the first byte of a patch is predicted from the global state alone).
+    "decoder_input": "encoder",
+    "width": 0,  # bytes per group for concat / linear / slice / attention upsampling (0 = patch_size)
     "max_word_bytes": 0,  # hat_words: words longer than this are split (0 = no limit)
     # learned | entropy: hidden width d_ff of the boundary predictor Linear(d, d_ff) -> GELU -> Linear(d_ff,
     # 1) (0 = the byte layers' MLP width, model.mlp_dim or its default; dynamic pooling uses d_inner).
@@ -81,19 +98,25 @@ TRAINED_SOURCES = ("learned", "entropy")  # boundaries from a predictor, with a 
 BOUNDARY_RNG = "boundaries"  # the rng stream of the "learned" source's Gumbel noise (training)
 
 
+CHOICES = {
+    "boundaries": BOUNDARY_SOURCES,
+    "pooling": pooling.groups.MODES + ("attention", "latent", "concat"),
+    "upsampling": ("gather", "boundary", "linear", "slice", "attention", "cross"),
+    "projection": ("linear", "pad"),
+    "encoder_scope": ("stream", "patch"),
+    "decoder_scope": ("stream", "patch"),
+    "decoder_input": ("encoder", "embed", "embed_pad"),
+}
+USES_WIDTH = {"pooling": ("concat",), "upsampling": ("linear", "slice", "attention")}
+# Sources whose b_t is a function of bytes <= t: a group's membership never depends on later bytes.
+PREFIX_SOURCES = ("fixed", "whitespace", "spacelike")
+
+
 def options(config: Any) -> dict[str, Any]:
   opts = mixer_options(config, "hierarchical", HIERARCHICAL_DEFAULTS)
-  if opts["boundaries"] not in BOUNDARY_SOURCES:
-    raise ValueError(f"unknown model.hierarchical.boundaries {opts['boundaries']!r}; expected one of "
-                     f"{', '.join(BOUNDARY_SOURCES)}.")
-  if opts["pooling"] not in pooling.groups.MODES:
-    raise ValueError(f"unknown model.hierarchical.pooling {opts['pooling']!r}; expected one of "
-                     f"{', '.join(pooling.groups.MODES)}.")
-  if opts["upsampling"] not in ("gather", "boundary"):
-    raise ValueError(f"unknown model.hierarchical.upsampling {opts['upsampling']!r}; expected gather or "
-                     "boundary.")
-  if opts["projection"] not in ("linear", "pad"):
-    raise ValueError(f"unknown model.hierarchical.projection {opts['projection']!r}; expected linear or pad.")
+  for key, choices in CHOICES.items():
+    if opts[key] not in choices:
+      raise ValueError(f"unknown model.hierarchical.{key} {opts[key]!r}; expected one of {', '.join(choices)}.")
   if not opts["temperature"] > 0:
     raise ValueError(f"model.hierarchical.temperature must be > 0, got {opts['temperature']}.")
   if not 0 < opts["prior"] < 1:
@@ -103,7 +126,20 @@ def options(config: Any) -> dict[str, Any]:
   if opts["decoder_layers"] < 1:
     raise ValueError("model.hierarchical.decoder_layers must be >= 1: without a byte layer after upsampling "
                      "each byte of a patch is predicted from the same vector (Hourglass §6).")
+  if any(opts[k] in v for k, v in USES_WIDTH.items()) and group_width(opts) < 1:
+    raise ValueError(f"model.hierarchical.pooling={opts['pooling']!r} / upsampling={opts['upsampling']!r} "
+                     "need model.hierarchical.width > 0 (bytes per group) unless boundaries='fixed'.")
+  if opts["encoder_scope"] == "patch" and opts["boundaries"] not in PREFIX_SOURCES:
+    raise ValueError("model.hierarchical.encoder_scope='patch' needs boundaries decided by the bytes so far "
+                     f"({', '.join(PREFIX_SOURCES)}), not {opts['boundaries']!r}.")
   return opts
+
+
+def group_width(opts: dict[str, Any]) -> int:
+  """Bytes per group of the width-based pooling / upsampling: `width`, or patch_size for fixed patches."""
+  if opts["width"]:
+    return int(opts["width"])
+  return int(opts["patch_size"]) if opts["boundaries"] == "fixed" else 0
 
 
 def hierarchical_config() -> ml_collections.ConfigDict:
@@ -188,6 +224,50 @@ def boundary_loss(opts: dict[str, Any], inputs: jax.Array, segment_ids: jax.Arra
   return jnp.sum(bce) / jnp.maximum(jnp.sum(decided), 1).astype(jnp.float32)
 
 
+class SlotAttention(nn.Module):
+  """Cross-attention between bytes and slots under a [B, Q, K] mask (ops.pooling.masked_attention):
+  queries [B, Q, Dq], memory [B, K, Dm] -> [B, Q, out_dim]; heads and head width of `config` (the byte
+  layers'). No positions: the byte states are already ordered by the causal encoder."""
+  config: Any
+  out_dim: int
+
+  @nn.compact
+  def __call__(self, queries: jax.Array, memory: jax.Array, mask: jax.Array) -> jax.Array:
+    cfg = self.config
+    dtype = layers.dtype_of(cfg.dtype)
+    h, _, dh = layers.attention_dims(cfg)
+    proj = lambda name, x: layers.DenseGeneral((h, dh), (layers.EMBED, layers.HEADS, layers.HEAD_DIM),
+                                               dtype=dtype, name=name)(x)
+    o = pooling.masked_attention(proj("query", queries), proj("key", memory), proj("value", memory), mask)
+    return layers.DenseGeneral((self.out_dim,), (layers.HEADS, layers.HEAD_DIM, layers.EMBED), in_dims=2,
+                               dtype=dtype, name="out")(o)
+
+
+class PredictiveEmbedding(nn.Module):
+  """HAT's decoder cross-attention to one predictive embedding (§4.3): a softmax over a single key is 1,
+  so CrossAttn(q = RMSNorm(h), kv = RMSNorm(p)) = W_o W_v RMSNorm(p) exactly; p [B, S, Dg] -> [B, S, D]
+  (per slot; each byte then takes its read slot's). The query and key projections cannot change the
+  output (nor get a gradient) and are not built."""
+  config: Any
+
+  @nn.compact
+  def __call__(self, p: jax.Array) -> jax.Array:
+    cfg = self.config
+    dtype = layers.dtype_of(cfg.dtype)
+    h, _, dh = layers.attention_dims(cfg)
+    v = layers.DenseGeneral((h, dh), (layers.EMBED, layers.HEADS, layers.HEAD_DIM), dtype=dtype,
+                            name="value")(layers.RMSNorm(cfg.norm_eps, dtype, name="norm")(p))
+    return layers.DenseGeneral((cfg.d_model,), (layers.HEADS, layers.HEAD_DIM, layers.EMBED), in_dims=2,
+                               dtype=dtype, name="out")(v)
+
+
+def _mlp(cfg: Any, x: jax.Array, dtype: Any, name: str) -> jax.Array:
+  """x + MLP(RMSNorm(x)), the feed-forward half of a block (Hourglass's resampling layers end with one)."""
+  h = layers.RMSNorm(cfg.norm_eps, dtype, name=f"{name}_norm")(x)
+  return x + layers.GatedMLP(cfg.mlp_dim or layers.default_mlp_dim(cfg.d_model), cfg.mlp_activation, dtype,
+                             name=name)(h)
+
+
 class HierarchicalLM(nn.Module):
   """inputs [B, T] -> logits [B, T, vocab] f32 (the interface every autoregressive byte model shares).
 
@@ -200,6 +280,66 @@ class HierarchicalLM(nn.Module):
   with_aux: bool = False
   train: bool = False
 
+  def _byte_layers(self, x, prefix, count, segment_ids, positions):
+    for i in range(count):
+      x = Block(self.config, self.config.mixer, layer_index=i, name=f"{prefix}_layer_{i}")(
+          x, segment_ids, positions)
+    return x
+
+  def _pool(self, opts, x, groups, segment_ids, straight):
+    """Byte states [B, T, D] -> slots [B, S, D or width * D] (slot 0: the learned null group)."""
+    cfg = self.config
+    dtype = layers.dtype_of(cfg.dtype)
+    mode = opts["pooling"]
+    width = group_width(opts) if mode == "concat" else 1
+    null = self.param("null_group", nn.with_logical_partitioning(nn.initializers.normal(1.0), (layers.NORM,)),
+                      (width * cfg.d_model,), jnp.float32)
+    if mode == "concat":
+      return pooling.concat_pool(x, groups, width, segment_ids, null)
+    # "learned": the straight-through b makes the pooled groups differentiable in b (ops.pooling.pool).
+    base = "mean" if mode in ("attention", "latent") else mode
+    slots, _ = pooling.pool(x.astype(jnp.float32), groups, mode=base, null=null,
+                            boundaries=straight if opts["boundaries"] == "learned" else None)
+    if mode == base:
+      return slots
+    slots = slots.astype(dtype)
+    if mode == "latent":  # HAT connector: e_j = CrossAttn(q = latent, kv = bytes of group j)
+      latent = self.param("latent_query", nn.with_logical_partitioning(nn.initializers.normal(1.0),
+                                                                       (layers.NORM,)), (cfg.d_model,),
+                          jnp.float32)
+      queries = jnp.broadcast_to(latent.astype(dtype), slots.shape)
+      kv = layers.RMSNorm(cfg.norm_eps, dtype, name="pool_kv_norm")(x)
+      pooled = SlotAttention(cfg, cfg.d_model, name="pool_attention")(queries, kv, pooling.pooling_mask(groups))
+    else:  # Hourglass attention pooling: S(x) + Attn(Q = S(x), K = V = x of the group), S = the mean
+      q = layers.RMSNorm(cfg.norm_eps, dtype, name="pool_query_norm")(slots)
+      kv = layers.RMSNorm(cfg.norm_eps, dtype, name="pool_kv_norm")(x)
+      pooled = _mlp(cfg, slots + SlotAttention(cfg, cfg.d_model, name="pool_attention")(
+          q, kv, pooling.pooling_mask(groups)), dtype, "pool_mlp")
+    return pooled.at[:, 0].set(null.astype(dtype))
+
+  def _to_global(self, opts, slots, gcfg, dtype):
+    if opts["projection"] == "pad":
+      if gcfg.d_model < slots.shape[-1]:
+        raise ValueError(f"model.hierarchical.projection='pad' needs global_d_model >= the pooled width "
+                         f"{slots.shape[-1]}, got {gcfg.d_model}.")
+      return jnp.pad(slots, ((0, 0), (0, 0), (gcfg.d_model - slots.shape[-1], 0))).astype(dtype)
+    s = layers.DenseGeneral((gcfg.d_model,), (layers.EMBED, layers.MLP_AXIS), dtype=dtype, name="down")(slots)
+    return layers.RMSNorm(self.config.norm_eps, dtype, name="down_norm")(s)
+
+  def _to_bytes(self, opts, s, dtype):
+    """Global slots [B, S, Dg] -> [B, S, D] (linear "up", or SpaceByte's truncation to the last D dims)."""
+    d = self.config.d_model
+    if opts["projection"] == "pad":
+      return s[..., s.shape[-1] - d:]
+    return layers.DenseGeneral((d,), (layers.MLP_AXIS, layers.EMBED), dtype=dtype, name="up")(s)
+
+  def _linear_upsample(self, opts, s, gather, offsets, dtype):
+    """Hourglass LinearUpsampling: Linear(Dg -> width x D) of each slot, byte t takes slice o_t of its read
+    slot's."""
+    width, d = group_width(opts), self.config.d_model
+    y = layers.DenseGeneral((width * d,), (layers.MLP_AXIS, layers.EMBED), dtype=dtype, name="up_linear")(s)
+    return pooling.offset_slices(gather(y), offsets, width)
+
   @nn.compact
   def __call__(self, inputs: jax.Array, segment_ids: jax.Array | None = None,
                positions: jax.Array | None = None):
@@ -211,59 +351,85 @@ class HierarchicalLM(nn.Module):
       segment_ids = jnp.ones((b, t), jnp.int32)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    embed = layers.Embed(layers.padded_vocab_size(cfg.vocab_size, cfg.vocab_pad_multiple), cfg.d_model, dtype,
-                         name="embed")
+    vocab = layers.padded_vocab_size(cfg.vocab_size, cfg.vocab_pad_multiple)
+    embed = layers.Embed(vocab, cfg.d_model, dtype, name="embed")
     x = embed(inputs)
-    for i in range(opts["encoder_layers"]):
-      x = Block(cfg, cfg.mixer, layer_index=i, name=f"encoder_layer_{i}")(x, segment_ids, positions)
 
-    source, z, straight = opts["boundaries"], None, None
+    source, z, straight, known = opts["boundaries"], None, None, None
     if source in TRAINED_SOURCES:
+      x = self._byte_layers(x, "encoder", opts["encoder_layers"], segment_ids, positions)
       z = BoundaryPredictor(opts["predictor_dim"] or cfg.mlp_dim or layers.default_mlp_dim(cfg.d_model), dtype,
                             name="boundary_predictor")(x)
       sample = self.train and source == "learned"
       uniform = jax.random.uniform(self.make_rng(BOUNDARY_RNG), z.shape) if sample else None
       ends, straight = pooling.learned_boundaries(z, inputs, uniform=uniform, temperature=opts["temperature"])
-      known = None
     else:
       ends, known = boundaries(inputs, opts)
     groups = pooling.group_ids(ends, capacity(opts, t), known=known,
                                rule="inclusive" if known is None else "exclusive")
-    null = self.param("null_group", nn.with_logical_partitioning(nn.initializers.normal(1.0), (layers.NORM,)),
-                      (cfg.d_model,), jnp.float32)
-    # "learned": the straight-through b makes the pooled groups differentiable in b (ops.pooling.pool).
-    slots, _ = pooling.pool(x.astype(jnp.float32), groups, mode=opts["pooling"], null=null,
-                            boundaries=straight if source == "learned" else None)
+    if source not in TRAINED_SOURCES:
+      if opts["encoder_scope"] == "patch":  # each group on its own (causal within it)
+        x = self._byte_layers(x, "encoder", opts["encoder_layers"], pooling.run_ids(groups.exclusive, segment_ids),
+                              pooling.group_offsets(groups, segment_ids))
+      else:
+        x = self._byte_layers(x, "encoder", opts["encoder_layers"], segment_ids, positions)
+
+    slots = self._pool(opts, x, groups, segment_ids, straight)
     # Each slot carries its group's document; the null slot (0) is a segment of its own (0).
     slot_segments = pooling.pool(segment_ids[..., None].astype(jnp.float32), groups, mode="last")[0][..., 0]
     slot_segments = jnp.round(slot_segments).astype(jnp.int32)
 
     gcfg = global_config(cfg, opts)
-    if opts["projection"] == "pad":
-      if gcfg.d_model < cfg.d_model:
-        raise ValueError("model.hierarchical.projection='pad' needs global_d_model >= d_model.")
-      s = jnp.pad(slots, ((0, 0), (0, 0), (gcfg.d_model - cfg.d_model, 0))).astype(dtype)
-    else:
-      s = layers.DenseGeneral((gcfg.d_model,), (layers.EMBED, layers.MLP_AXIS), dtype=dtype, name="down")(slots)
-      s = layers.RMSNorm(cfg.norm_eps, dtype, name="down_norm")(s)
+    s = self._to_global(opts, slots, gcfg, dtype)
     slot_positions = jnp.broadcast_to(jnp.arange(s.shape[1], dtype=jnp.int32), s.shape[:2])
     for i in range(opts["global_layers"]):
       s = Block(gcfg, gcfg.mixer, layer_index=i, name=f"global_layer_{i}")(s, slot_segments, slot_positions)
-    if opts["projection"] == "pad":
-      s = s[..., gcfg.d_model - cfg.d_model:]
-    else:
-      s = layers.DenseGeneral((cfg.d_model,), (layers.MLP_AXIS, layers.EMBED), dtype=dtype, name="up")(s)
 
-    u = pooling.upsample(s, groups)
+    # The slot byte t reads: its read slot, the last stored one for overflow bytes, and the null slot when
+    # that slot belongs to another document.
     read = jnp.where(groups.overflow, groups.capacity - 1, groups.reads)
-    same_document = jnp.take_along_axis(slot_segments, read, axis=1) == segment_ids
-    u = jnp.where(same_document[..., None], u, s[:, :1])  # another document's slot: the null slot instead
-    if opts["upsampling"] == "boundary":
-      u = jnp.where((ends & ~groups.overflow)[..., None], u, jnp.zeros((), u.dtype))
-    x = x + u
+    read = jnp.where(jnp.take_along_axis(slot_segments, read, axis=1) == segment_ids, read, 0)
+    gather = lambda v: jnp.take_along_axis(v, read[..., None], axis=1)
+    offsets = pooling.read_offsets(read, segment_ids)
+
+    h = x
+    if opts["decoder_input"] != "encoder":  # MEGABYTE / LYT: the decoder embeds the bytes afresh
+      embed = layers.Embed(vocab, cfg.d_model, dtype, name="decoder_embed")
+      h = embed(inputs)
+      if opts["decoder_input"] == "embed_pad":
+        pad = self.param("decoder_pad", nn.with_logical_partitioning(nn.initializers.normal(1.0),
+                                                                     (layers.NORM,)), (cfg.d_model,), jnp.float32)
+        h = jnp.where((offsets == 0)[..., None], pad.astype(dtype), h)
+    mode = opts["upsampling"]
+    if mode in ("gather", "boundary"):
+      u = gather(self._to_bytes(opts, s, dtype))
+      if mode == "boundary":
+        u = jnp.where((ends & ~groups.overflow)[..., None], u, jnp.zeros((), u.dtype))
+      h = h + u
+    elif mode == "linear":
+      h = h + self._linear_upsample(opts, s, gather, offsets, dtype)
+    elif mode == "slice":
+      width = group_width(opts)
+      if gcfg.d_model % width:
+        raise ValueError(f"model.hierarchical.upsampling='slice' needs global_d_model ({gcfg.d_model}) to be "
+                         f"a multiple of the width {width}.")
+      h = h + layers.DenseGeneral((cfg.d_model,), (layers.MLP_AXIS, layers.EMBED), dtype=dtype, name="up")(
+          pooling.offset_slices(gather(s), offsets, width))
+    elif mode == "attention":  # Hourglass: U = x + LinearUpsample(s'), U + Attn(U, readable slots), MLP
+      h = h + self._linear_upsample(opts, s, gather, offsets, dtype)
+      q = layers.RMSNorm(cfg.norm_eps, dtype, name="up_query_norm")(h)
+      kv = layers.RMSNorm(cfg.norm_eps, dtype, name="up_kv_norm")(self._to_bytes(opts, s, dtype))
+      mask = pooling.upsampling_mask(read, slot_segments, segment_ids)
+      h = _mlp(cfg, h + SlotAttention(cfg, cfg.d_model, name="up_attention")(q, kv, mask), dtype, "up_mlp")
+    if opts["decoder_scope"] == "patch":  # MEGABYTE's local model: each read run on its own
+      dec_segments, dec_positions = pooling.run_ids(read, segment_ids), offsets
+    else:
+      dec_segments, dec_positions = segment_ids, positions
     for i in range(opts["decoder_layers"]):
-      x = Block(cfg, cfg.mixer, layer_index=i, name=f"decoder_layer_{i}")(x, segment_ids, positions)
-    logits = layers.output_logits(cfg, embed, x, dtype)
+      if mode == "cross":  # HAT: h += CrossAttn(RMSNorm(h), RMSNorm(p_{w(t)})) before each decoder layer
+        h = h + gather(PredictiveEmbedding(cfg, name=f"decoder_cross_{i}")(s))
+      h = Block(cfg, cfg.mixer, layer_index=i, name=f"decoder_layer_{i}")(h, dec_segments, dec_positions)
+    logits = layers.output_logits(cfg, embed, h, dtype)
     if not self.with_aux:
       return logits
     aux = {"overflow": groups.overflow, "patches": jnp.minimum(groups.counts, groups.capacity - 1)}

@@ -14,6 +14,10 @@ validity mask. Public entries (specs/token_free.md sections in each docstring):
                          `entropy_spikes`, `sigmoid_bce`; `pool(..., boundaries=b)` differentiates the
                          pooled groups w.r.t. a straight-through b.
   fixed patches (§6, §10.1): `shift_right`, `fixed_pool`, `fixed_upsample`.
+  resampling (§4.3, §6, §8, §10.1, `ops.pooling.resample`): `group_offsets`, `read_offsets`, `run_ids`,
+                         `concat_pool` (MEGABYTE / LinearPool), `offset_slices` (linear upsampling),
+                         `pooling_mask`, `upsampling_mask`, `masked_attention` (attention pooling and
+                         upsampling, HAT's connector).
   compaction (§3.4):     `compact_indices`, `gather_rows` (MrT5 hard deletion).
 """
 
@@ -38,6 +42,14 @@ from ops.pooling.learned import next_byte_entropy
 from ops.pooling.learned import relaxed_bernoulli
 from ops.pooling.learned import sigmoid_bce
 from ops.pooling.learned import straight_through
+from ops.pooling.resample import concat_pool
+from ops.pooling.resample import group_offsets
+from ops.pooling.resample import masked_attention
+from ops.pooling.resample import offset_slices
+from ops.pooling.resample import pooling_mask
+from ops.pooling.resample import read_offsets
+from ops.pooling.resample import run_ids
+from ops.pooling.resample import upsampling_mask
 
 __all__ = [
     "compact_indices", "gather_rows",
@@ -47,4 +59,6 @@ __all__ = [
     "learned_boundaries", "relaxed_bernoulli", "straight_through", "binomial_prior_loss",
     "next_byte_entropy", "entropy_spikes", "sigmoid_bce",
     "shift_right", "fixed_pool", "fixed_upsample",
+    "group_offsets", "read_offsets", "run_ids", "concat_pool", "offset_slices", "pooling_mask",
+    "upsampling_mask", "masked_attention",
 ]

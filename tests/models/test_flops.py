@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import models
-from configs import base, dynamic_pooling, gla, hat, hourglass, landmark, selective, spacebyte, ssa
+from configs import (base, byte2word, dynamic_pooling, gla, hat, hourglass, landmark, lyt, megabyte, selective,
+                     spacebyte, ssa)
 from models import flops
 
 T = 64
@@ -59,7 +60,8 @@ def test_gla_counts_the_chunk_and_the_state_terms_by_hand():
 def test_hierarchical_at_patch_size_one_without_global_layers_is_the_flat_model(projection):
   config = small(hourglass, **{"hierarchical.patch_size": 1, "hierarchical.global_layers": 0,
                                "hierarchical.encoder_layers": 2, "hierarchical.decoder_layers": 3,
-                               "hierarchical.projection": projection})
+                               "hierarchical.projection": projection, "hierarchical.pooling": "mean",
+                               "hierarchical.upsampling": "gather"})
   flat = flops.training_flops_per_byte(small(num_layers=5), T)
   result = flops.training_flops_per_byte(config, T, patches_per_byte=1.0)
   assert result["slots"] == T + 1 and result["realised"]["slots"] == T + 1
@@ -84,17 +86,21 @@ def test_hierarchical_realised_cost_follows_the_patches_and_fixed_patches_match_
     (base, {}), (base, {"num_kv_heads": 1, "qk_norm": True, "tie_embeddings": False}), (gla, {}),
     (landmark, {}), (ssa, {}), (selective, {}), (hourglass, {}), (dynamic_pooling, {}), (hat, {}),
     (spacebyte, {}), (dynamic_pooling, {"hierarchical.global_mixer": "gla"}),
+    (hourglass, {"hierarchical.pooling": "concat", "hierarchical.upsampling": "linear"}),
+    (megabyte, {"hierarchical.global_d_model": 256}), (lyt, {}), (byte2word, {}),
 ], ids=lambda x: getattr(x, "__name__", str(x)).rpartition(".")[2])
 def test_param_count_is_the_initialised_tree(module, model):
   config = small(module, **model)
   family = models.get_family(config)
   shapes = jax.eval_shape(lambda: nn.unbox(family.init(jax.random.key(0), family.example_batch(1, 16))))
   assert flops.param_count(config) == sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
-  assert flops.param_count(config) - flops.param_count_non_embedding(config) == 384 * 64
+  tables = 2 if module in (megabyte, lyt) else 1
+  assert flops.param_count(config) - flops.param_count_non_embedding(config) == tables * 384 * 64
 
 
 @pytest.mark.parametrize("module,model", [
     (base, {}), (gla, {"gla.impl": "xla"}), (landmark, {}), (hourglass, {}), (spacebyte, {}),
+    (megabyte, {"hierarchical.global_d_model": 256}), (hat, {}), (lyt, {}),
 ], ids=lambda x: getattr(x, "__name__", str(x)).rpartition(".")[2])
 def test_forward_count_agrees_with_xla_cost_analysis(module, model):
   """XLA counts every op of the compiled f32 forward (elementwise ones too): within 15% of ours."""
