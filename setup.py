@@ -24,6 +24,7 @@ setuptools.setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "tensorboard>=2.16"],
+        "plots": ["matplotlib>=3.8"],  # benchmarks/experiments.py
         "gpu": ["jax[cuda13]>=0.11.2"],
         "tpu": ["jax[tpu]>=0.11.2"],
     },
