@@ -39,12 +39,13 @@ class SelfAttention(nn.Module):
     batch, t, _ = x.shape
     q, q_projection, k, v = layers.qkv_projections(cfg, x, dtype)  # W_q x before qk-norm: temperatures
 
-    q_positions = kv_positions = None
+    q_positions = kv_positions = kv_segment_ids = None
     if self.decode:
       cache = layers.declare_kv_cache(self, k.shape, v.shape, k.dtype)
       # Absolute positions come from the cache index, so RoPE is right whatever the caller passes.
       positions = cache.positions(batch, t)
-      segment_ids = None
+      if segment_ids is not None:  # keys keep their segment (patch-scoped byte layers, models/hierarchical)
+        segment_ids, kv_segment_ids = layers.cache_segments(self, cache, segment_ids)
     elif positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (batch, t))
     temperatures = self.temperatures(q_projection, v, positions)
@@ -57,8 +58,8 @@ class SelfAttention(nn.Module):
     if self.decode:
       k, v, q_positions, kv_positions = layers.cache_append(cache, k, v)
 
-    o = attention(q, k, v, causal=True, segment_ids=segment_ids, signed=self.signed,
-                  q_positions=q_positions, kv_positions=kv_positions,
+    o = attention(q, k, v, causal=True, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                  signed=self.signed, q_positions=q_positions, kv_positions=kv_positions,
                   impl=cfg.attention_impl or None, interpret=cfg.interpret)
     return layers.attention_output(cfg, o, dtype)
 

@@ -75,3 +75,37 @@ def generate_by_recompute(model: nn.Module, params: Any, prompt: jax.Array, rng:
 
   buffer, _ = jax.lax.fori_loop(0, max_new, body, (buffer, rng))
   return buffer[:, prompt_len:]
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new", "temperature", "top_k"))
+def generate_stepwise(model: nn.Module, params: Any, prompt: jax.Array, rng: jax.Array, *, max_new: int,
+                      temperature: float = 0.0, top_k: int = 0) -> jax.Array:
+  """prompt [B, P] ids -> [B, max_new] new ids, for a decode-mode model that takes one token of one row
+  per call (models/hierarchical: its state is per row). Each row runs on its own (vmapped); the prompt
+  is fed one token at a time too, so prefill and generation are the same step.
+  """
+  batch, prompt_len = prompt.shape
+  cache = init_cache(model, 1, prompt_len + max_new)
+
+  def step(cache, token):
+    logits, mutated = model.apply({"params": params, "cache": cache}, token[None, None], mutable=["cache"])
+    return mutated["cache"], logits[0, -1]
+
+  def one_row(prompt_row, rng):
+    row_cache, prompt_logits = jax.lax.scan(step, cache, prompt_row)
+    rng, sub = jax.random.split(rng)
+    first = sample_logits(prompt_logits[-1:], sub, temperature, top_k)[0]
+
+    def body(carry, _):
+      row_cache, token, rng = carry
+      row_cache, logits = step(row_cache, token)
+      rng, sub = jax.random.split(rng)
+      nxt = sample_logits(logits[None], sub, temperature, top_k)[0]
+      return (row_cache, nxt, rng), nxt
+
+    _, rest = jax.lax.scan(body, (row_cache, first, rng), None, length=max_new - 1)
+    return jnp.concatenate([first[None], rest])
+
+  if batch == 1:  # no vmap: the model's conds stay conds (a vmapped cond runs both branches)
+    return one_row(prompt[0], rng)[None]
+  return jax.vmap(one_row)(prompt, jax.random.split(rng, batch))

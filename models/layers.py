@@ -245,3 +245,16 @@ def cache_append(cache: KVCache, k: jax.Array, v: jax.Array
   slots = jnp.arange(cache_len, dtype=jnp.int32)
   kv_positions = jnp.where(slots < start + t, slots, _EMPTY_SLOT_POSITION)
   return cache.keys.value, cache.values.value, q_positions, jnp.broadcast_to(kv_positions, (batch, cache_len))
+
+
+def cache_segments(module: nn.Module, cache: KVCache, segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Segment ids in decode mode: stores the T new tokens' ids [B, T] at the cache index (call it before
+  `cache_append`) and returns (query ids [B, T], key ids [B, S]). On the init call both are the given ids.
+  Unfilled slots keep id 0; causal masking hides them anyway."""
+  stored = module.variable("cache", "segment_ids", jnp.zeros, (segment_ids.shape[0], cache.keys.value.shape[1]),
+                           jnp.int32)
+  if not cache.initialized:
+    return segment_ids, segment_ids
+  stored.value = jax.lax.dynamic_update_slice(stored.value, segment_ids.astype(jnp.int32),
+                                              (0, cache.index.value))
+  return segment_ids, stored.value
