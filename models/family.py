@@ -96,6 +96,10 @@ class ModelFamily:
     del sums
     return aux_state
 
+  def check_data(self, data_config: Any) -> None:
+    """Raises ValueError (one sentence) if the model cannot train or evaluate on `config.data`."""
+    del data_config
+
   def flops_per_byte(self, seq_len: int) -> dict[str, Any] | None:
     """Training FLOPs per byte (models/flops.py breakdown) for sequences of seq_len, or None if uncounted."""
     del seq_len

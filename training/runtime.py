@@ -45,9 +45,13 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 
 
 def family(config: ml_collections.ConfigDict) -> models.ModelFamily:
-  """The model family of a run config, with its errors as one-line ConfigErrors."""
+  """The model family of a run config, checked against its data settings (`ModelFamily.check_data`), with
+  its errors as one-line ConfigErrors."""
   try:
-    return models.get_family(config.model)
+    model_family = models.get_family(config.model)
+    if "data" in config:
+      model_family.check_data(config.data)
+    return model_family
   except ValueError as e:
     raise ConfigError(str(e)) from None
 

@@ -50,6 +50,9 @@ from models.hierarchical.options import (BOUNDARY_RNG, BOUNDARY_SOURCES, CHOICES
 from models.registry import get_mixer
 from models.transformer import TransformerFamily, causal_lm_loss
 
+TEXT_SOURCES = ("whitespace", "spacelike", "hat_words")  # boundary rules over UTF-8 text
+SYNTHETIC_DATA_SOURCES = ("mqar",)  # data/corpora.py SYNTHETIC_SOURCES (models/ does not import data/)
+
 __all__ = ["BOUNDARY_RNG", "BOUNDARY_SOURCES", "CHOICES", "HIERARCHICAL_DEFAULTS", "PREFIX_SOURCES",
            "TRAINED_SOURCES", "BoundaryPredictor", "HierarchicalFamily", "HierarchicalLM", "boundaries",
            "boundary_loss", "capacity", "global_config", "group_width", "hierarchical_config", "options"]
@@ -73,6 +76,15 @@ class HierarchicalFamily(TransformerFamily):
 
   def module(self, *, decode: bool = False, train: bool = False) -> nn.Module:
     return HierarchicalLM(self.config, train=train, decode=decode)
+
+  def check_data(self, data_config: Any) -> None:
+    """Rule-based text boundaries (whitespace, spacelike, HAT words) need text; synthetic token streams
+    (data.source=mqar) have no words, spaces or characters to split."""
+    source, boundaries = getattr(data_config, "source", "bundled"), options(self.config)["boundaries"]
+    if boundaries in TEXT_SOURCES and source in SYNTHETIC_DATA_SOURCES:
+      raise ValueError(f"model.hierarchical.boundaries={boundaries!r} splits text into words, but "
+                       f"data.source={source!r} is a synthetic id stream without word boundaries; use a text "
+                       "source or boundaries='fixed' / 'learned' / 'entropy'.")
 
   def incremental(self) -> bool:
     """Whether generation can run incrementally (HierarchicalLM's decode step). Patch-scoped byte layers

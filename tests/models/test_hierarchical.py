@@ -294,3 +294,15 @@ def test_generation_is_incremental_and_rows_are_independent():
   gla_bytes = tiny("lyt")
   gla_bytes.mixer = "gla"  # patch-scoped byte layers of a mixer with absolute state: recompute instead
   assert not models.get_family(gla_bytes).incremental()
+
+
+def test_word_boundaries_on_synthetic_data_are_one_clear_error():
+  """hat_words (and the other text rules) on data.source=mqar: one ConfigError sentence before any work;
+  fixed boundaries train on it."""
+  from training import runtime  # noqa: PLC0415
+  config = hat.get_config()
+  config.data.source = "mqar"
+  with pytest.raises(runtime.ConfigError, match="hat_words.*synthetic id stream without word boundaries"):
+    runtime.family(config)
+  config.model.hierarchical.boundaries = "fixed"
+  runtime.family(config)
