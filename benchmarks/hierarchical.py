@@ -71,12 +71,15 @@ def _has_key(config: ml_collections.ConfigDict, override: str) -> bool:
   return True
 
 
-def load_configs(argv: list[str]) -> tuple[dict[str, ml_collections.ConfigDict], flags.FlagValues]:
-  """({row name: resolved run config}, flag values): the hierarchical configs, then the flat baseline."""
+def load_configs(argv: list[str], define_flags=None) -> tuple[dict[str, ml_collections.ConfigDict],
+                                                              flags.FlagValues]:
+  """({row name: resolved run config}, flag values): the hierarchical configs, then the flat baseline.
+  define_flags: this script's flags by default (benchmarks/generation.py adds its own to them)."""
   overrides = [a for a in argv[1:] if a.lstrip("-").startswith("config.")]
   if any(a.lstrip("-").split("=", 1)[0] == "config" for a in argv[1:]):
     raise ConfigError("benchmarks/hierarchical.py takes --configs (names), not --config.")
-  _, fv = cli.parse([argv[0], f"--config={_config_path(HIERARCHICAL_CONFIGS[0])}", *argv[1:]], _define_flags)
+  _, fv = cli.parse([argv[0], f"--config={_config_path(HIERARCHICAL_CONFIGS[0])}", *argv[1:]],
+                    define_flags or _define_flags)
   configs = {}
   for name in fv["configs"].value:
     if not os.path.exists(_config_path(name)):

@@ -62,3 +62,31 @@ def test_hierarchical_benchmark_reports_each_config_beside_the_flat_baseline(cap
   assert [r[0] for r in rows] == ["hourglass", "flat (6 layers)"], report  # 1 + 4 + 1 layers of d 32
   assert re.fullmatch(r"\d\.\d\d \(17 slots\) \| \d+\.\d%", rows[0][1]), report  # 32 / 2 + 1 slots
   assert rows[1][1:] == ("— | —", "1.00", "1.00"), report
+
+
+def test_generation_benchmark_times_incremental_against_recompute_with_the_same_bytes(capsys):
+  from benchmarks import generation
+  tiny = ["--config.train.seq_len=32", "--config.model.d_model=32", "--config.model.num_heads=2",
+          "--config.train.compute_dtype=float32"]
+  assert generation.main(["generation", "--configs=megabyte", *tiny, "--config.model.hierarchical.global_d_model=128",
+                          "--config.model.hierarchical.global_layers=1", "--flat_layers=1", "--prompt=8",
+                          "--max_new=6", "--warmup=0", "--repeats=1"]) == 0
+  report = capsys.readouterr().out
+  rows = re.findall(r"^\| (megabyte|flat \(\d+ layers\)) \| [\d,]+ \| [\d,]+ \| [\d.]+x \| (yes|no) \|", report,
+                    flags=re.M)
+  assert [r[0] for r in rows][:1] == ["megabyte"] and len(rows) == 2, report
+  assert all(r[1] == "yes" for r in rows), report  # greedy: both paths emit the same bytes
+
+
+def test_experiment_runner_trains_skips_finished_runs_and_writes_the_table(tmp_path, capsys):
+  from benchmarks import experiments
+  args = ["hierarchical", f"--out={tmp_path}", "--runs=flat", "--steps=2"]
+  assert experiments.main([*args, "--list"]) == 0
+  assert "--config.train.steps=2" in capsys.readouterr().out
+  assert experiments.main(args) == 0
+  first = capsys.readouterr().out
+  assert "training flat seed 0" in first and "| flat | 1 |" in first
+  assert experiments.main(args) == 0  # a second call retrains nothing
+  assert "finished, skipped" in capsys.readouterr().out
+  for name in ("results.json", "results.csv", "results.md"):
+    assert (tmp_path / "hierarchical" / name).exists()
