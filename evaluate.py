@@ -11,14 +11,12 @@ Overrides of the run's saved config use its key paths: --data.*, --eval.*, --gen
 --mqar.*, --model.*, ... (or the same with a --config. prefix): every flag with a dot in its name.
 """
 
-import json
-import os
 import sys
 
 from absl import flags
 
 from training import cli
-from training.errors import CheckpointError, ConfigError
+from training.errors import ConfigError
 
 
 def _define_flags(fv: flags.FlagValues) -> None:

@@ -17,8 +17,10 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 import grain
 
+from training import paths
 from training.errors import CheckpointError
 
 
@@ -122,8 +124,8 @@ class _DataRestore(ocp.args.CheckpointArgs):
   item: Any
 
 
-def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+def checkpoint_dir(workdir: str) -> epath.Path:
+  return paths.run_path(workdir) / "checkpoints"
 
 
 class Checkpointer:
@@ -137,7 +139,7 @@ class Checkpointer:
         enable_async_checkpointing=async_save, cleanup_tmp_directories=False)
     handlers = {"state": ocp.PyTreeCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
                 "data": _DataHandler()}
-    if read_only and not os.path.isdir(self.directory):
+    if read_only and not self.directory.is_dir():
       self._manager = None
     else:
       self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
@@ -178,7 +180,7 @@ class Checkpointer:
     return self._restore(step, {"config": ocp.args.JsonRestore()})["config"]
 
   def _restore(self, step: int, items: dict) -> Any:
-    where = os.path.join(self.directory, str(step))
+    where = self.directory / str(step)
     _drop_aborted_restore_noise()  # before: some of that noise comes before orbax's error propagates
     try:
       return self._manager.restore(step, args=ocp.args.Composite(**items))

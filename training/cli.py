@@ -15,14 +15,15 @@ import sys
 from typing import Callable, Sequence
 
 from absl import flags
+from etils import epath
 import ml_collections
 from ml_collections import config_flags
 from ml_collections.config_flags import tuple_parser
 
 from training.errors import ConfigError, RunError
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "base.py")
+REPO_ROOT = os.fspath(epath.Path(__file__).resolve().parent.parent)
+DEFAULT_CONFIG = os.fspath(epath.Path(REPO_ROOT) / "configs" / "base.py")
 
 
 def _is_literal(text: str) -> bool:
@@ -76,7 +77,7 @@ def _load_config_file(path: str) -> ml_collections.ConfigDict:
       getattr(config, "keys", None)  # config_flags defers an unreadable file's IOError to first use
       raise TypeError(f"get_config() returned {type(config).__name__}, not a ConfigDict")
   except Exception as e:  # a missing or broken config file
-    if not os.path.exists(file):
+    if not epath.Path(file).exists():
       raise ConfigError(f"config file '{file}' does not exist.") from None
     root = _root_cause(e)
     raise ConfigError(f"config file '{file}' failed to load: {type(root).__name__}: "

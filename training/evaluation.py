@@ -16,6 +16,7 @@ import ml_collections
 from configs import base as base_config
 from training import checkpoint as ckpt_lib
 from training import cli
+from training import paths
 from training import runtime
 from training import tasks as task_lib
 from training.errors import CheckpointError, ConfigError
@@ -24,13 +25,8 @@ from training.metrics import format_table
 
 def load_run_config(workdir: str, checkpointer: ckpt_lib.Checkpointer, step: int) -> ml_collections.ConfigDict:
   """The resolved config the run saved (config.json, else the copy inside the checkpoint)."""
-  path = os.path.join(workdir, "config.json")
-  if os.path.isfile(path):
-    with open(path) as f:
-      try:
-        saved = json.load(f)
-      except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON ({e}).") from None
+  saved = paths.read_json(paths.run_path(workdir) / "config.json")
+  if saved is not None:
     saved.pop("compute", None)  # the run's FLOPs accounting, written beside the config for readers
     return ml_collections.ConfigDict(saved)
   return ml_collections.ConfigDict(checkpointer.restore_config(step))
@@ -56,20 +52,14 @@ def restore_params(family: Any, config: ml_collections.ConfigDict, checkpointer:
   return checkpointer.restore_params(step, ckpt_lib.abstract_like(abstract, shardings))
 
 
-def record_result(path: str, task: str, step: int, result: dict) -> None:
+def record_result(path: Any, task: str, step: int, result: dict) -> None:
   """Adds `result` to eval/<task>_step<N>.json under its "data" key, keeping every other entry."""
-  record = {"task": task, "step": step, "entries": {}}
-  if os.path.isfile(path):
-    with open(path) as f:
-      try:
-        record = json.load(f)
-      except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); move it away to record new results.") from None
+  path = paths.run_path(path)
+  record = paths.read_json(path, "; move it away to record new results") or {"task": task, "step": step,
+                                                                              "entries": {}}
   record.setdefault("entries", {})[result["data"]] = result
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(record, f, indent=2, default=str)
-  os.replace(tmp, path)  # atomic: a crash never leaves half a file in place of the earlier results
+  # Through a temporary file: a crash never leaves half a file in place of the earlier results.
+  paths.write_text(path, json.dumps(record, indent=2, default=str))
 
 
 def evaluate(workdir: str, *, step: int | None = None, tasks: Sequence[str] = ("bpb",),
@@ -78,7 +68,7 @@ def evaluate(workdir: str, *, step: int | None = None, tasks: Sequence[str] = ("
   options = dict(options or {})
   for name in tasks:
     task_lib.get_task(name)  # fail on a typo before restoring anything
-  if not os.path.isdir(workdir):
+  if not paths.run_path(workdir).is_dir():
     raise CheckpointError(f"workdir {workdir} does not exist.")
   checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
   steps = checkpointer.all_steps()
@@ -93,9 +83,10 @@ def evaluate(workdir: str, *, step: int | None = None, tasks: Sequence[str] = ("
   config.eval.max_batches = 0  # evaluate.py reads whole splits unless --eval.max_batches caps it
   cli.apply_overrides(config, overrides)
   if options.get("text_file"):
-    if not os.path.isfile(options["text_file"]):
+    text_file = paths.run_path(options["text_file"])
+    if not text_file.is_file():
       raise ConfigError(f"--text_file {options['text_file']} does not exist.")
-    config.data.source, config.data.paths = "files", (os.path.abspath(options["text_file"]),)
+    config.data.source, config.data.paths = "files", (os.fspath(text_file),)
     options["split"] = options.get("split") or "all"
   config.train.progress_bar = False
   config = runtime.resolve_config(config)
@@ -111,14 +102,14 @@ def evaluate(workdir: str, *, step: int | None = None, tasks: Sequence[str] = ("
     params = restore_params(family, config, checkpointer, step, mesh)
     ctx = task_lib.EvalContext(config=config, family=family, params=params, mesh=mesh, step=step,
                                options=options, progress=is_main)
-    out_dir = os.path.join(workdir, "eval")
+    out_dir = paths.run_path(workdir) / "eval"
     for name in tasks:
       result = {"task": name, "step": step, **task_lib.get_task(name)(ctx)}
-      path = os.path.join(out_dir, f"{name}_step{step}.json")
+      path = out_dir / f"{name}_step{step}.json"
       if is_main:
-        os.makedirs(out_dir, exist_ok=True)
+        paths.make_dir(out_dir)
         record_result(path, name, step, result)
-      results[name] = (result, path)
+      results[name] = (result, os.fspath(path))
   checkpointer.close()
   return results
 

@@ -6,7 +6,6 @@ guard still names the first non-finite step, and a state is saved only after the
 up to it were read and found finite.
 """
 
-import json
 import math
 import os
 import signal
@@ -24,6 +23,7 @@ from data import corpora
 from data import pipeline
 from models import flops
 from training import checkpoint as ckpt_lib
+from training import paths
 from training import runtime
 from training import sharding
 from training import train_step as ts
@@ -169,13 +169,12 @@ def write_initial_run(config: ml_collections.ConfigDict, workdir: str, params: A
     fresh = lambda p: nn.unbox(ts.init_train_state(family, tx, jax.random.key(t.seed), t.seq_len)).replace(
         params=p, opt_state=tx.init(p))
     state = jax.jit(fresh, out_shardings=shardings)(jax.device_put(params, shardings.params))
-    os.makedirs(workdir, exist_ok=True)
+    paths.make_dir(paths.run_path(workdir))
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=False)
     checkpointer.save(0, state, data_iter, config_dict)
     checkpointer.close()
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(config_dict, f, indent=2, default=list)
+    paths.write_json(paths.run_path(workdir) / "config.json", config_dict)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -197,7 +196,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         process_index=jax.process_index(), process_count=jax.process_count(),
         batch_format=family.batch_format)
     # Only now that the model and data settings are known to be valid is anything written.
-    os.makedirs(workdir, exist_ok=True)
+    paths.make_dir(paths.run_path(workdir))
     logger = MetricsLogger(workdir, enabled=is_main)
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep,
                                          async_save=config.checkpoint.async_save)
@@ -227,8 +226,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     eval_jit = jax.jit(eval_fn, in_shardings=(shardings.params, batch_sharding))
 
     if is_main:  # only once setup (data, checkpoint restore) succeeded: a failed start leaves it as it was
-      with open(os.path.join(workdir, "config.json"), "w") as f:  # + the compute accounting, for readers
-        json.dump({**config_dict, **({"compute": compute} if compute else {})}, f, indent=2, default=list)
+      paths.write_json(paths.run_path(workdir) / "config.json",  # + the compute accounting, for readers
+                       {**config_dict, **({"compute": compute} if compute else {})})
 
     progress = ProgressBar(t.steps, start_step=start, enabled=is_main and t.progress_bar)
     if start and is_main:  # printed even without a progress bar: a resume should never be silent
@@ -275,7 +274,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       step = start
       while step < t.steps:
         if profile and step + 1 == profile[0]:
-          jax.profiler.start_trace(os.path.join(workdir, "profile"), create_perfetto_trace=True)
+          jax.profiler.start_trace(os.fspath(paths.run_path(workdir) / "profile"), create_perfetto_trace=True)
         batch = sharding.global_batch(next(data_iter), mesh)
         state, metrics = train_jit(state, batch)
         step += 1

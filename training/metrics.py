@@ -52,6 +52,9 @@ from typing import Any, TextIO
 
 import tensorboardX
 import tqdm
+from etils import epath
+
+from training import paths
 
 __all__ = ["MetricsLogger", "Progress", "ProgressBar", "format_table", "progress"]
 
@@ -98,14 +101,12 @@ def _scalar_value(value: Any) -> float | None:
   return None
 
 
-def _logged_keys(path: str) -> dict[int, set[str]]:
+def _logged_keys(path: epath.Path) -> dict[int, set[str]]:
   """Per step, the metric keys already in the JSONL file at `path`."""
   logged: dict[int, set[str]] = {}
-  try:
-    f = open(path, encoding="utf-8")
-  except FileNotFoundError:
+  if not path.exists():
     return logged
-  with f:
+  with path.open("r", encoding="utf-8") as f:
     for line in f:
       try:
         record = json.loads(line)
@@ -115,6 +116,44 @@ def _logged_keys(path: str) -> dict[int, set[str]]:
         logged.setdefault(record["step"], set()).update(
             k for k in record if k != "step")
   return logged
+
+
+class _JsonlFile:
+  """Appends lines to a JSONL file: a local file opened for appending (a resumed run continues it, each
+  line flushed); a remote object (object stores have no append) rewritten whole through a temporary
+  object on every append, which at log frequency is cheap. A line a crash left unterminated is ended
+  first, so the next record starts on its own line."""
+
+  def __init__(self, path: epath.Path):
+    self._path = path
+    self._file: TextIO | None = None
+    self._text = ""
+    if paths.is_local(path):
+      unterminated = False
+      if path.exists() and path.stat().length > 0:
+        with path.open("rb") as f:
+          f.seek(-1, 2)
+          unterminated = f.read(1) != b"\n"
+      self._file = path.open("a", encoding="utf-8")
+      if unterminated:
+        self._file.write("\n")
+    elif path.exists():
+      self._text = path.read_text()
+      if self._text and not self._text.endswith("\n"):
+        self._text += "\n"
+
+  def append(self, line: str) -> None:
+    if self._file is not None:
+      self._file.write(line)
+      self._file.flush()
+    else:
+      self._text += line
+      paths.write_text(self._path, self._text)
+
+  def close(self) -> None:
+    if self._file is not None:
+      self._file.close()
+      self._file = None
 
 
 class MetricsLogger:
@@ -130,8 +169,8 @@ class MetricsLogger:
   def __init__(self, workdir: str, *, enabled: bool = True):
     self.workdir = workdir
     self.enabled = enabled
-    self._path = os.path.join(workdir, METRICS_FILENAME)
-    self._jsonl: TextIO | None = None
+    self._path = paths.run_path(workdir) / METRICS_FILENAME
+    self._jsonl: _JsonlFile | None = None
     self._tb: tensorboardX.SummaryWriter | None = None
     self._closed = False
     self._logged = _logged_keys(self._path) if enabled else {}
@@ -151,8 +190,7 @@ class MetricsLogger:
     record.update((k, _json_value(v)) for k, v in new.items())
     line = json.dumps(record, allow_nan=False) + "\n"
     scalars = {k: s for k, v in new.items() if (s := _scalar_value(v)) is not None}
-    self._jsonl_file().write(line)
-    self._jsonl.flush()
+    self._jsonl_file().append(line)
     if scalars:
       tb = self._tb_writer()
       for tag, value in scalars.items():
@@ -160,16 +198,10 @@ class MetricsLogger:
       tb.flush()
     seen.update(new)
 
-  def _jsonl_file(self) -> TextIO:
+  def _jsonl_file(self) -> _JsonlFile:
     if self._jsonl is None:
-      os.makedirs(self.workdir, exist_ok=True)
-      # Append so a resumed run continues the same file; end a line a crash
-      # left unterminated so the next record starts on its own line.
-      self._jsonl = open(self._path, "a+", encoding="utf-8")
-      if self._jsonl.tell() > 0:
-        self._jsonl.seek(self._jsonl.tell() - 1)
-        if self._jsonl.read(1) != "\n":
-          self._jsonl.write("\n")
+      paths.make_dir(self._path.parent)
+      self._jsonl = _JsonlFile(self._path)
     return self._jsonl
 
   def _tb_writer(self) -> tensorboardX.SummaryWriter:
@@ -179,8 +211,8 @@ class MetricsLogger:
     # metrics.jsonl, so there is nothing to purge; purging steps >= the
     # restored one would instead hide the kept first values of re-run steps.
     if self._tb is None:
-      self._tb = tensorboardX.SummaryWriter(
-          self.workdir, flush_secs=10,
+      self._tb = tensorboardX.SummaryWriter(  # gs:// too: tensorboardX writes GCS itself
+          os.fspath(paths.run_path(self.workdir)), flush_secs=10,
           filename_suffix=f".{os.getpid()}.{next(_EVENTS_COUNTER)}")
     return self._tb
 

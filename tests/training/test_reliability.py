@@ -324,7 +324,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly_then_resumes(tmp_path):
   match = re.search(r"stopped by SIGTERM at step (\d+); checkpoint saved in (\S+)\.", out)
   assert match, out
   step = int(match.group(1))
-  assert match.group(2) == ckpt_lib.checkpoint_dir(workdir)
+  assert match.group(2) == os.fspath(ckpt_lib.checkpoint_dir(workdir))
   assert step >= 3 and step == max(r["step"] for r in _train_records(workdir))
   assert _steps(workdir) == [step]
 

@@ -16,6 +16,7 @@ from data import corpora
 from data import pipeline
 from ops import losses
 from training import metrics as metrics_lib
+from training import paths
 from training import sharding
 from training import train_step as ts
 from training.tasks import EvalContext, register_task
@@ -74,7 +75,7 @@ def data_key(config: Any, split: str) -> str:
   """What a bpb result scored: the source (and files), the split and the sample size."""
   d = config.data
   source = d.source if d.source not in ("files", "single_file") else f"{d.source}:{','.join(
-      os.path.abspath(p) for p in d.paths)}"
+      os.fspath(paths.run_path(p)) for p in d.paths)}"
   cap = config.eval.max_batches
   sample = "" if cap <= 0 else f"@{cap}x{config.eval.batch_size}x{config.train.seq_len}"
   return f"{source}:{split}{sample}"
