@@ -16,6 +16,7 @@ import ml_collections
 from configs import base as base_config
 from training import checkpoint as ckpt_lib
 from training import cli
+from training import distributed
 from training import paths
 from training import runtime
 from training import tasks as task_lib
@@ -90,6 +91,7 @@ def evaluate(workdir: str, *, step: int | None = None, tasks: Sequence[str] = ("
     options["split"] = options.get("split") or "all"
   config.train.progress_bar = False
   config = runtime.resolve_config(config)
+  distributed.check_same_config(config.to_dict())
   family = runtime.family(config)
   unsupported = [name for name in tasks if name not in family.eval_tasks]
   if unsupported:

@@ -23,6 +23,7 @@ from data import corpora
 from data import pipeline
 from models import flops
 from training import checkpoint as ckpt_lib
+from training import distributed
 from training import paths
 from training import runtime
 from training import sharding
@@ -182,6 +183,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   config = runtime.resolve_config(config)
   is_main = jax.process_index() == 0
   config_dict = config.to_dict()
+  distributed.check_same_config(config_dict)  # processes started with different commands: one line each
 
   t = config.train
   family = runtime.family(config)

@@ -271,6 +271,48 @@ def test_bad_input_is_one_error_line_on_every_process(tmp_path, args, expected):
   finally:
     run.kill()
 
+def test_different_commands_on_the_processes_are_one_error_line_on_each(tmp_path):
+  """Process 1 gets another learning rate: the config hashes exchanged at the start differ."""
+  workdir = str(tmp_path / "run")
+  port = _free_port()
+  procs, errs = [], []
+  for i in range(2):
+    extra = ["--config.optimizer.lr=0.5"] if i == 1 else []
+    errs.append(str(tmp_path / f"p{i}.err"))
+    with open(errs[-1], "w") as e:
+      procs.append(subprocess.Popen(
+          [sys.executable, *TRAIN_ARGS, f"--workdir={workdir}", *extra], cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+          stderr=e, env=_env(2, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                             JAX_PROCESS_ID=str(i))))
+  try:
+    assert [p.wait(timeout=TIMEOUT_S) for p in procs] == [1, 1]
+    for err in errs:
+      with open(err) as f:
+        lines = [line for line in f.read().splitlines() if line.strip()]
+      assert len(lines) == 1 and lines[0].startswith("error: the run config differs between processes "
+                                                      "(process 0: "), lines
+  finally:
+    for p in procs:
+      p.kill()
+
+
+def test_an_unreachable_coordinator_is_one_error_line_naming_it(tmp_path):
+  """Process 1 of 2 with nobody at the address: it gives up after JAX_COORDINATOR_TIMEOUT seconds."""
+  port = _free_port()
+  env = _env(2, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="1",
+             JAX_COORDINATOR_TIMEOUT="3")
+  start = time.monotonic()
+  proc = subprocess.run([sys.executable, *TRAIN_ARGS, f"--workdir={tmp_path / 'run'}"], cwd=REPO_ROOT, env=env,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  lines = [line for line in proc.stderr.splitlines() if line.strip() and line.startswith("error:")]
+  assert len(lines) == 1 and lines[0].startswith(
+      f"error: could not start jax.distributed with the coordinator at 127.0.0.1:{port} (process 1 of 2) "
+      "within 3 s (JAX_COORDINATOR_TIMEOUT): the other processes did not all connect."), proc.stderr[-2000:]
+  assert time.monotonic() - start < 60
+  assert not (tmp_path / "run").exists()
+
+
 # ----------------------------------------------------------------------------
 # In-process: the data iterator state of a checkpoint saved by another number of processes.
 # ----------------------------------------------------------------------------
