@@ -296,6 +296,21 @@ def test_different_commands_on_the_processes_are_one_error_line_on_each(tmp_path
       p.kill()
 
 
+@slow
+def test_a_nan_stops_every_process_with_one_error_line(tmp_path):
+  """A diverging run (learning rate 1e6): every process stops at the same step with the same line."""
+  run = _Run(str(tmp_path), "nan", [*TRAIN_ARGS, f"--workdir={tmp_path / 'run'}", "--config.optimizer.lr=1e6",
+                                    "--config.optimizer.warmup_steps=0", "--config.optimizer.grad_clip=0"],
+             processes=2, devices=2)
+  try:
+    assert run.wait() == [1, 1]
+    lines = [[line for line in run.text(i, "err").splitlines() if line.startswith("error:")] for i in range(2)]
+    assert len(lines[0]) == 1 and lines[0] == lines[1], lines
+    assert re.match(r"error: the (training loss|gradient norm) became (nan|inf)", lines[0][0]), lines
+  finally:
+    run.kill()
+
+
 def test_an_unreachable_coordinator_is_one_error_line_naming_it(tmp_path):
   """Process 1 of 2 with nobody at the address: it gives up after JAX_COORDINATOR_TIMEOUT seconds."""
   port = _free_port()
