@@ -25,6 +25,7 @@ setuptools.setup(
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "tensorboard>=2.16"],
         "plots": ["matplotlib>=3.8"],  # benchmarks/experiments.py
+        "gcs": ["gcsfs", "google-cloud-storage"],  # gs:// run directories (epath) and TensorBoard events
         "gpu": ["jax[cuda13]>=0.11.2"],
         "tpu": ["jax[tpu]>=0.11.2"],
     },
