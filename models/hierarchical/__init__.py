@@ -44,16 +44,18 @@ import jax.numpy as jnp
 from models import decoding
 from models.family import LOSSES_COLLECTION, register_family
 from models.hierarchical.model import BoundaryPredictor, HierarchicalLM, boundary_loss
-from models.hierarchical.options import (BOUNDARY_RNG, BOUNDARY_SOURCES, CHOICES, HIERARCHICAL_DEFAULTS,
+from models.hierarchical.options import (BOUNDARY_RNG, BOUNDARY_SOURCES, CHOICES, EOT_ID, HIERARCHICAL_DEFAULTS,
                                          PREFIX_SOURCES, TRAINED_SOURCES, boundaries, capacity,
                                          global_config, group_width, hierarchical_config, options)
 from models.registry import get_mixer
 from models.transformer import TransformerFamily, causal_lm_loss
+from ops import losses
+from ops import pooling
 
 TEXT_SOURCES = ("whitespace", "spacelike", "hat_words")  # boundary rules over UTF-8 text
 SYNTHETIC_DATA_SOURCES = ("mqar",)  # data/corpora.py SYNTHETIC_SOURCES (models/ does not import data/)
 
-__all__ = ["BOUNDARY_RNG", "BOUNDARY_SOURCES", "CHOICES", "HIERARCHICAL_DEFAULTS", "PREFIX_SOURCES",
+__all__ = ["BOUNDARY_RNG", "BOUNDARY_SOURCES", "CHOICES", "EOT_ID", "HIERARCHICAL_DEFAULTS", "PREFIX_SOURCES",
            "TRAINED_SOURCES", "BoundaryPredictor", "HierarchicalFamily", "HierarchicalLM", "boundaries",
            "boundary_loss", "capacity", "global_config", "group_width", "hierarchical_config", "options"]
 
@@ -91,6 +93,8 @@ class HierarchicalFamily(TransformerFamily):
     mask their KV cache by segment, which keeps the parallel forward's maths for mixers that see only
     relative positions (softmax, cog); others regenerate by recomputing the forward per byte."""
     opts = options(self.config)
+    if opts["end_of_token"]:
+      return False
     patch = "patch" in (opts["encoder_scope"], opts["decoder_scope"])
     return not patch or self.config.mixer in ("softmax", "cog")
 
@@ -105,8 +109,21 @@ class HierarchicalFamily(TransformerFamily):
     (logits, aux), sown = HierarchicalLM(self.config, with_aux=True, train=train).apply(
         {"params": params}, batch["inputs"], batch.get("segment_ids"), batch.get("positions"),
         rngs=rngs, mutable=[LOSSES_COLLECTION])
-    kept = {**batch, "weights": jnp.where(aux["overflow"], 0.0, batch["weights"])}
-    objective, metrics = causal_lm_loss(logits, kept, sown, train=train)
+    if "layout" in aux:  # Toucan: the expanded stream's targets; the EOTs' bits are charged to the bytes
+      targets, weights, byte_weights = pooling.eot_targets(batch["targets"], batch["weights"], aux["layout"],
+                                                           EOT_ID)
+      objective, metrics = causal_lm_loss(aux["expanded_logits"], {"targets": targets, "weights": weights}, sown,
+                                          train=True)
+      byte_weight = jnp.sum(byte_weights)
+      if "aux_loss" in metrics:  # a mean per byte, as everywhere
+        metrics["aux_loss"] = metrics["aux_loss"] / jnp.maximum(metrics["weight"], 1.0) * byte_weight
+        objective = metrics["nll"] + metrics["aux_loss"]
+      metrics["weight"] = byte_weight
+      if not train:  # next-byte accuracy at the byte positions
+        metrics["correct"] = losses.weighted_correct(logits, batch["targets"], byte_weights)
+    else:
+      kept = {**batch, "weights": jnp.where(aux["overflow"], 0.0, batch["weights"])}
+      objective, metrics = causal_lm_loss(logits, kept, sown, train=train)
     if "boundary_loss" in aux:
       term = aux["boundary_loss"] * jax.lax.stop_gradient(metrics["weight"])
       metrics["boundary_loss"] = term

@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 
 from models import layers
-from models.hierarchical.options import (BOUNDARY_RNG, TRAINED_SOURCES, boundaries, capacity, global_config,
-                                         group_width, options)
+from models.hierarchical.options import (BOUNDARY_RNG, EOT_ID, TRAINED_SOURCES, boundaries, capacity,
+                                         global_config, group_width, options)
 from models.transformer import Block
 from ops import pooling
 
@@ -287,6 +287,18 @@ class HierarchicalLM(nn.Module):
     for block in global_blocks:
       s = block(s, slot_segments, slot_positions)
 
+    if opts["end_of_token"]:
+      expanded, layout = self._end_of_token_decoder(opts, x, s, ends, groups, slot_segments, segment_ids,
+                                                    positions, embed)
+      logits = pooling.next_byte_view(expanded, layout)
+      if not self.with_aux:
+        return logits
+      aux = {"overflow": layout.overflow, "patches": jnp.minimum(groups.counts, groups.capacity - 1),
+             "expanded_logits": expanded, "layout": layout}
+      if source in TRAINED_SOURCES:
+        aux["boundary_loss"] = boundary_loss(opts, inputs, segment_ids, z, straight, logits)
+      return logits, aux
+
     # The slot byte t reads: its read slot, the last stored one for overflow bytes, and the null slot when
     # that slot belongs to another document.
     read = jnp.where(groups.overflow, groups.capacity - 1, groups.reads)
@@ -306,6 +318,25 @@ class HierarchicalLM(nn.Module):
     if source in TRAINED_SOURCES:
       aux["boundary_loss"] = boundary_loss(opts, inputs, segment_ids, z, straight, logits)
     return logits, aux
+
+  def _end_of_token_decoder(self, opts, x, s, ends, groups, slot_segments, segment_ids, positions, embed):
+    """Toucan's decoder over the expanded stream (ops/pooling/end_of_token.py): byte t continues its
+    encoder state plus its read slot (the groups before its own), its EOT the EOT embedding plus the slot
+    of the group it closes. Returns (logits [B, T', vocab] of the expanded stream, the layout)."""
+    cfg = self.config
+    dtype = layers.dtype_of(cfg.dtype)
+    layout = pooling.eot_layout(ends, groups, segment_ids, positions)
+    same_document = lambda read: jnp.where(jnp.take_along_axis(slot_segments, read, axis=1) == segment_ids,
+                                           read, 0)
+    slots = self._to_bytes(opts, s, dtype)
+    gather = lambda read: jnp.take_along_axis(slots, same_document(read)[..., None], axis=1)
+    eot = embed(jnp.full(ends.shape, EOT_ID, jnp.int32))
+    h = pooling.expand_layout(layout, x + gather(layout.reads),
+                              eot + gather(jnp.minimum(layout.reads + 1, groups.capacity - 1)), 0)
+    for i in range(opts["decoder_layers"]):
+      h = Block(cfg, cfg.mixer, layer_index=i, decode=self.decode, name=f"decoder_layer_{i}")(
+          h, layout.segment_ids, layout.positions)
+    return layers.output_logits(cfg, embed, h, dtype), layout
 
   def _decode_state(self, b=0, t=0, s=0, global_dim=0, dtype=jnp.float32):
     """The decode buffers (created on the init call, fetched afterwards): the ids, boundaries and encoder

@@ -47,6 +47,10 @@ HIERARCHICAL_DEFAULTS: dict[str, Any] = {
     # read offset 0 (MEGABYTE's E^l-pad: the first byte of a patch is predicted from the global state alone).
     "decoder_input": "encoder",
     "width": 0,  # bytes per group for concat / linear / slice / attention upsampling (0 = patch_size)
+    # Toucan (§7): after every stored boundary the decoder byte layers see an EOT token, which the
+    # boundary byte predicts and which predicts the next token's first byte; generation then decides the
+    # boundaries by emitting EOT (ops/pooling/end_of_token.py). Needs model.vocab_size > EOT_ID.
+    "end_of_token": False,
     "max_word_bytes": 0,  # hat_words: words longer than this are split (0 = no limit)
     # learned | entropy: hidden width d_ff of the boundary predictor Linear(d, d_ff) -> GELU -> Linear(d_ff,
     # 1) (0 = the byte layers' MLP width, model.mlp_dim or its default; dynamic pooling uses d_inner).
@@ -58,6 +62,7 @@ HIERARCHICAL_DEFAULTS: dict[str, Any] = {
 BOUNDARY_SOURCES = ("fixed", "whitespace", "spacelike", "hat_words", "learned", "entropy")
 TRAINED_SOURCES = ("learned", "entropy")  # boundaries from a predictor, with a boundary loss
 BOUNDARY_RNG = "boundaries"  # the rng stream of the "learned" source's Gumbel noise (training)
+EOT_ID = 259  # Toucan's end-of-token id: the first id after the ByT5 bytes (data/bytes.py)
 
 
 CHOICES = {
@@ -91,6 +96,13 @@ def options(config: Any) -> dict[str, Any]:
   if any(opts[k] in v for k, v in USES_WIDTH.items()) and group_width(opts) < 1:
     raise ValueError(f"model.hierarchical.pooling={opts['pooling']!r} / upsampling={opts['upsampling']!r} "
                      "need model.hierarchical.width > 0 (bytes per group) unless boundaries='fixed'.")
+  if opts["end_of_token"]:
+    if config.vocab_size <= EOT_ID:
+      raise ValueError(f"model.hierarchical.end_of_token needs model.vocab_size > {EOT_ID} (the EOT id), got "
+                       f"{config.vocab_size}.")
+    if (opts["upsampling"], opts["decoder_scope"], opts["decoder_input"]) != ("gather", "stream", "encoder"):
+      raise ValueError("model.hierarchical.end_of_token runs with upsampling='gather', decoder_scope='stream' "
+                       "and decoder_input='encoder' (dynamic pooling's decoder, which Toucan extends).")
   if opts["encoder_scope"] == "patch" and opts["boundaries"] not in PREFIX_SOURCES:
     raise ValueError("model.hierarchical.encoder_scope='patch' needs boundaries decided by the bytes so far "
                      f"({', '.join(PREFIX_SOURCES)}), not {opts['boundaries']!r}.")

@@ -18,6 +18,8 @@ validity mask. Public entries (specs/token_free.md sections in each docstring):
                          `concat_pool` (MEGABYTE / LinearPool), `offset_slices` (linear upsampling),
                          `pooling_mask`, `upsampling_mask`, `masked_attention` (attention pooling and
                          upsampling, HAT's connector).
+  end of token (§7, `ops.pooling.end_of_token`): `eot_layout` (Toucan's expanded stream), `expand_layout`,
+                         `next_byte_view`, `eot_targets`.
   compaction (§3.4):     `compact_indices`, `gather_rows` (MrT5 hard deletion).
 """
 
@@ -26,6 +28,11 @@ from ops.pooling.boundaries import is_spacelike
 from ops.pooling.boundaries import spacelike_boundaries
 from ops.pooling.boundaries import whitespace_boundaries
 from ops.pooling.compaction import compact_indices, gather_rows
+from ops.pooling.end_of_token import EotLayout
+from ops.pooling.end_of_token import eot_layout
+from ops.pooling.end_of_token import eot_targets
+from ops.pooling.end_of_token import expand_layout
+from ops.pooling.end_of_token import next_byte_view
 from ops.pooling.fixed import fixed_pool
 from ops.pooling.fixed import fixed_upsample
 from ops.pooling.fixed import shift_right
@@ -61,4 +68,5 @@ __all__ = [
     "shift_right", "fixed_pool", "fixed_upsample",
     "group_offsets", "read_offsets", "run_ids", "concat_pool", "offset_slices", "pooling_mask",
     "upsampling_mask", "masked_attention",
+    "EotLayout", "eot_layout", "eot_targets", "expand_layout", "next_byte_view",
 ]

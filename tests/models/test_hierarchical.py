@@ -15,7 +15,7 @@ import pytest
 import models
 from models import decoding
 from models import hierarchical
-from configs import byte2word, dynamic_pooling, hat, hourglass, lyt, megabyte, spacebyte
+from configs import byte2word, dynamic_pooling, hat, hourglass, lyt, megabyte, spacebyte, toucan
 from data import bytes as byte_ids
 from ops import pooling
 
@@ -25,6 +25,8 @@ CONFIGS = {
     "megabyte": (megabyte, {"global_d_model": 128, "global_num_heads": 2}),
     "lyt": (lyt, {}),
     "byte2word": (byte2word, {}),
+    "toucan_learned": (toucan, {"boundaries": "learned"}),
+    "toucan_whitespace": (toucan, {"boundaries": "whitespace"}),
     "dynamic_pooling_whitespace": (dynamic_pooling, {}),
     "dynamic_pooling_spacelike": (dynamic_pooling, {"boundaries": "spacelike"}),
     "dynamic_pooling_last_gla_global": (dynamic_pooling, {"pooling": "last", "global_mixer": "gla"}),
