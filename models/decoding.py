@@ -109,3 +109,49 @@ def generate_stepwise(model: nn.Module, params: Any, prompt: jax.Array, rng: jax
   if batch == 1:  # no vmap: the model's conds stay conds (a vmapped cond runs both branches)
     return one_row(prompt[0], rng)[None]
   return jax.vmap(one_row)(prompt, jax.random.split(rng, batch))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new", "eot_id", "temperature", "top_k"))
+def generate_with_end_of_token(model: nn.Module, params: Any, prompt: jax.Array, rng: jax.Array, *, max_new: int,
+                               eot_id: int, temperature: float = 0.0, top_k: int = 0) -> jax.Array:
+  """prompt [B, P] bytes -> [B, max_new] new bytes, for a one-token-per-call decode-mode model whose stream
+  has end-of-token tokens (models/hierarchical with end_of_token, Toucan). The prompt's bytes are fed one at
+  a time, each followed by EOT where the model's boundary source proposes one (cache "proposed_end");
+  generated EOTs are fed back but not returned. Once every slot is used ("slots_done" == the capacity) EOT
+  is not sampled, as the parallel forward inserts none beyond the capacity."""
+  batch, prompt_len = prompt.shape
+  cache = init_cache(model, 1, prompt_len + max_new)
+  capacity = cache["global_out"].shape[1]
+  eot = jnp.full((), eot_id, jnp.int32)
+
+  def step(cache, token):
+    logits, mutated = model.apply({"params": params, "cache": cache}, token[None, None], mutable=["cache"])
+    return mutated["cache"], logits[0, -1]
+
+  def feed(carry, byte):
+    cache, logits = step(carry[0], byte)
+    closes = cache["proposed_end"][0] & (cache["slots_done"] < capacity)
+    return jax.lax.cond(closes, lambda c: step(c, eot), lambda c: (c, logits), cache), None
+
+  def one_row(prompt_row, rng):
+    (row_cache, logits), _ = jax.lax.scan(feed, (cache, jnp.zeros((model.config.vocab_size,), jnp.float32)),
+                                          prompt_row)
+
+    def body(carry):
+      row_cache, logits, rng, out, emitted = carry
+      logits = jnp.where((jnp.arange(logits.shape[0]) == eot_id) & (row_cache["slots_done"] >= capacity),
+                         -jnp.inf, logits)
+      rng, sub = jax.random.split(rng)
+      token = sample_logits(logits[None], sub, temperature, top_k)[0]
+      is_byte = token != eot_id
+      out = jnp.where(is_byte, out.at[emitted].set(token), out)
+      row_cache, logits = step(row_cache, token)
+      return row_cache, logits, rng, out, emitted + is_byte.astype(jnp.int32)
+
+    init = (row_cache, logits, rng, jnp.zeros((max_new,), jnp.int32), jnp.zeros((), jnp.int32))
+    return jax.lax.while_loop(lambda c: c[4] < max_new, body, init)[3]
+
+  if batch == 1:
+    return one_row(prompt[0], rng)[None]
+  return jax.vmap(one_row)(prompt, jax.random.split(rng, batch))
+

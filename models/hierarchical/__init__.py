@@ -93,8 +93,6 @@ class HierarchicalFamily(TransformerFamily):
     mask their KV cache by segment, which keeps the parallel forward's maths for mixers that see only
     relative positions (softmax, cog); others regenerate by recomputing the forward per byte."""
     opts = options(self.config)
-    if opts["end_of_token"]:
-      return False
     patch = "patch" in (opts["encoder_scope"], opts["decoder_scope"])
     return not patch or self.config.mixer in ("softmax", "cog")
 
@@ -143,6 +141,10 @@ class HierarchicalFamily(TransformerFamily):
 
   def generate(self, params: Any, prompt: jax.Array, rng: jax.Array, *, max_new: int,
                temperature: float = 0.0, top_k: int = 0) -> jax.Array:
+    if options(self.config)["end_of_token"]:  # Toucan: the decoder's EOTs decide the boundaries
+      return decoding.generate_with_end_of_token(self.module(decode=True), params, prompt, rng, max_new=max_new,
+                                                 eot_id=EOT_ID, temperature=float(temperature),
+                                                 top_k=int(top_k))
     if not self.incremental():
       return decoding.generate_by_recompute(self.module(), params, prompt, rng, max_new=max_new,
                                             temperature=float(temperature), top_k=int(top_k))

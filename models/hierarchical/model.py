@@ -247,7 +247,7 @@ class HierarchicalLM(nn.Module):
     embed = layers.Embed(layers.padded_vocab_size(cfg.vocab_size, cfg.vocab_pad_multiple), cfg.d_model, dtype,
                          name="embed")
     if self.decode and self.has_variable("cache", "step"):
-      return self._step(opts, inputs, embed)
+      return (self._end_of_token_step if opts["end_of_token"] else self._step)(opts, inputs, embed)
     b, t = inputs.shape
     if segment_ids is None:
       segment_ids = jnp.ones((b, t), jnp.int32)
@@ -291,6 +291,8 @@ class HierarchicalLM(nn.Module):
       expanded, layout = self._end_of_token_decoder(opts, x, s, ends, groups, slot_segments, segment_ids,
                                                     positions, embed)
       logits = pooling.next_byte_view(expanded, layout)
+      if self.decode:  # the init call: the decode state, sized to this length
+        self._decode_state(b, t, groups.capacity, s.shape[-1], dtype)
       if not self.with_aux:
         return logits
       aux = {"overflow": layout.overflow, "patches": jnp.minimum(groups.counts, groups.capacity - 1),
@@ -346,7 +348,76 @@ class HierarchicalLM(nn.Module):
     var = lambda name, shape, dt: self.variable("cache", name, jnp.zeros, shape, dt)
     return {"ids": var("ids", (b, t), jnp.int32), "ends": var("ends", (b, t), jnp.bool_),
             "encoded": var("encoded", (b, t, d), dtype), "global_out": var("global_out", (b, s, global_dim), dtype),
-            "slots_done": var("slots_done", (), jnp.int32), "step": var("step", (), jnp.int32)}
+            "slots_done": var("slots_done", (), jnp.int32), "step": var("step", (), jnp.int32),
+            "proposed_end": var("proposed_end", (b,), jnp.bool_)}
+
+  def _global_slot(self, gcfg, encoded, ends, j, num_slots):
+    """Slot j pooled from the stored encoder states and boundaries, one cached step of the global stack."""
+    pool, to_global, global_blocks = self._global_stack(gcfg)
+    groups = pooling.group_ids(ends, num_slots)
+    slots = pool(encoded, groups, jnp.ones(ends.shape, jnp.int32), None)
+    s = to_global(jax.lax.dynamic_slice_in_dim(slots, j, 1, axis=1))
+    for block in global_blocks:
+      s = block(s, None, None)
+    return s.astype(layers.dtype_of(self.config.dtype))
+
+  def _end_of_token_step(self, opts, inputs, embed):
+    """Toucan's decoding, one token of the expanded stream per call: inputs [1, 1], a byte or EOT_ID ->
+    logits [1, 1, vocab] of the next token. A byte runs the encoder byte layers (KV cache) and records
+    the boundary its source proposes (`proposed_end`: the prompt's tokenization comes from it); an EOT
+    closes the current group, pools it and steps the global stack once. The decoder layers run on
+    every token. The first call also steps the null slot."""
+    cfg = self.config
+    dtype = layers.dtype_of(cfg.dtype)
+    if inputs.shape != (1, 1):
+      raise ValueError(f"incremental decoding takes one token of one row per call ([1, 1]), got {inputs.shape}.")
+    state = self._decode_state()
+    gcfg = global_config(cfg, opts)
+    num_slots = state["global_out"].value.shape[1]
+    carry = (state["ids"].value, state["encoded"].value, state["ends"].value, state["global_out"].value,
+             state["slots_done"].value, state["step"].value, state["proposed_end"].value)
+
+    def read_slot(module, global_out, j):
+      return module._to_bytes(opts, jax.lax.dynamic_slice_in_dim(global_out, j, 1, axis=1), dtype)
+
+    def byte(module, carry, with_null):
+      ids, encoded, ends, global_out, done, t, _ = carry
+      ids = jax.lax.dynamic_update_slice(ids, inputs, (0, t))
+      x = module._byte_layers(embed(inputs), "encoder", opts["encoder_layers"], None, None)
+      encoded = jax.lax.dynamic_update_slice(encoded, x.astype(dtype), (0, t, 0))
+      if opts["boundaries"] in TRAINED_SOURCES:
+        proposed, _ = pooling.learned_boundaries(module._predictor(opts, x, dtype), inputs)
+        proposed = proposed[:, 0]
+      else:
+        proposed = jax.lax.dynamic_index_in_dim(boundaries(ids, opts)[0], t, axis=1, keepdims=False)
+      if with_null:  # the very first token: the null slot through the global stack first
+        global_out = global_out.at[:, :1].set(module._global_slot(gcfg, encoded, ends, 0, num_slots))
+        done = jnp.ones_like(done)
+      h = x + read_slot(module, global_out, done - 1)
+      return h.astype(dtype), (ids, encoded, ends, global_out, done, t + 1, proposed)
+
+    def eot(module, carry, stored):
+      ids, encoded, ends, global_out, done, t, proposed = carry
+      if stored:  # the group of the last byte ends: pool it into slot `done`, one global step
+        ends = jax.lax.dynamic_update_slice(ends, jnp.ones((1, 1), bool), (0, t - 1))
+        global_out = jax.lax.dynamic_update_slice(global_out, module._global_slot(gcfg, encoded, ends, done, num_slots),
+                                                  (0, done, 0))
+        done = done + 1
+      h = embed(jnp.full((1, 1), EOT_ID, jnp.int32)) + read_slot(module, global_out, done - 1)
+      return h.astype(dtype), (ids, encoded, ends, global_out, done, t, proposed)
+
+    branches = [lambda m, c: byte(m, c, False), lambda m, c: byte(m, c, True),
+                lambda m, c: eot(m, c, True), lambda m, c: eot(m, c, False)]
+    done = carry[4]
+    is_eot = inputs[0, 0] == EOT_ID
+    index = jnp.where(is_eot, jnp.where(done < num_slots, 2, 3), jnp.where(done == 0, 1, 0))
+    h, carry = nn.switch(index, branches, self, carry)
+    for i in range(opts["decoder_layers"]):
+      h = Block(cfg, cfg.mixer, layer_index=i, decode=True, name=f"decoder_layer_{i}")(h, None, None)
+    names = ("ids", "encoded", "ends", "global_out", "slots_done", "step", "proposed_end")
+    for name, value in zip(names, carry):
+      state[name].value = value
+    return layers.output_logits(cfg, embed, h, dtype)
 
   def _step(self, opts, inputs, embed):
     """One byte of incremental decoding: inputs [1, 1] -> logits [1, 1, vocab] (vmap for more rows).
