@@ -23,7 +23,8 @@ Counting conventions (specs/token_free.md §1.3, applied to every family alike):
   * hierarchical: encoder and decoder byte layers (and a trained source's boundary predictor) at T, the
     global stack and the down / up projections on S slots (null slot included) at the global width, the
     resampling pieces (attention pooling and upsampling, HAT's connector and predictive embedding,
-    MEGABYTE's slice projection) on the side each matmul runs on, their dense S x T attention; per
+    MEGABYTE's slice projection) on the side each matmul runs on, their dense S x T attention; Toucan's
+    decoder layers and logits on its expanded stream of T + S - 1 tokens (S the static capacity); per
     byte = per row / T. S is the static capacity (what the compiled step runs) or, with
     `patches_per_byte` p, S = p T + 1 (what exactly the realised patches would cost; at fixed patches of
     k bytes p = 1/k gives the static capacity back).
@@ -166,7 +167,9 @@ def _hierarchical_parts(cfg: Any, seq_len: int, slots: float) -> dict[str, dict[
   gcfg = hierarchical.global_config(cfg, opts)
   d, dg = cfg.d_model, gcfg.d_model
   encoder = _stack(cfg, (cfg.mixer,) * opts["encoder_layers"], seq_len)
-  decoder = _stack(cfg, (cfg.mixer,) * opts["decoder_layers"], seq_len)
+  # Toucan: the decoder layers and the logits run on the expanded stream of T + S - 1 tokens.
+  decoder_len = seq_len + int(hierarchical.capacity(opts, seq_len)) - 1 if opts["end_of_token"] else seq_len
+  decoder = _stack(cfg, (cfg.mixer,) * opts["decoder_layers"], decoder_len)
   # The global stack runs on the S slots (a fractional S, the realised patches, is kept as is).
   weights, _, attention = _stack(gcfg, (gcfg.mixer,) * opts["global_layers"], slots)
   slot_rate = slots / seq_len
@@ -175,8 +178,8 @@ def _hierarchical_parts(cfg: Any, seq_len: int, slots: float) -> dict[str, dict[
           "boundary_predictor": _part(1.0, _predictor(cfg, opts)[0]),
           **resampling,
           "global": _part(slot_rate, weights, attention),
-          "decoder": _part(1.0, decoder[0], decoder[2]),
-          "logits": _part(1.0, d * _vocab_rows(cfg))}
+          "decoder": _part(decoder_len / seq_len, decoder[0], decoder[2]),
+          "logits": _part(decoder_len / seq_len, d * _vocab_rows(cfg))}
 
 
 def training_flops_per_byte(model_config: Any, seq_len: int, patches_per_byte: float | None = None

@@ -9,7 +9,7 @@ import pytest
 
 import models
 from configs import (base, byte2word, dynamic_pooling, gla, hat, hourglass, landmark, lyt, megabyte, selective,
-                     spacebyte, ssa)
+                     spacebyte, ssa, toucan)
 from models import flops
 
 T = 64
@@ -87,7 +87,7 @@ def test_hierarchical_realised_cost_follows_the_patches_and_fixed_patches_match_
     (landmark, {}), (ssa, {}), (selective, {}), (hourglass, {}), (dynamic_pooling, {}), (hat, {}),
     (spacebyte, {}), (dynamic_pooling, {"hierarchical.global_mixer": "gla"}),
     (hourglass, {"hierarchical.pooling": "concat", "hierarchical.upsampling": "linear"}),
-    (megabyte, {"hierarchical.global_d_model": 256}), (lyt, {}), (byte2word, {}),
+    (megabyte, {"hierarchical.global_d_model": 256}), (lyt, {}), (byte2word, {}), (toucan, {}),
 ], ids=lambda x: getattr(x, "__name__", str(x)).rpartition(".")[2])
 def test_param_count_is_the_initialised_tree(module, model):
   config = small(module, **model)
@@ -100,7 +100,7 @@ def test_param_count_is_the_initialised_tree(module, model):
 
 @pytest.mark.parametrize("module,model", [
     (base, {}), (gla, {"gla.impl": "xla"}), (landmark, {}), (hourglass, {}), (spacebyte, {}),
-    (megabyte, {"hierarchical.global_d_model": 256}), (hat, {}), (lyt, {}),
+    (megabyte, {"hierarchical.global_d_model": 256}), (hat, {}), (lyt, {}), (toucan, {}),
 ], ids=lambda x: getattr(x, "__name__", str(x)).rpartition(".")[2])
 def test_forward_count_agrees_with_xla_cost_analysis(module, model):
   """XLA counts every op of the compiled f32 forward (elementwise ones too): within 15% of ours."""
