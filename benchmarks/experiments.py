@@ -59,7 +59,8 @@ EXPERIMENTS = {
                   ("model.hierarchical.boundaries=learned",)),
               Run("dynamic_pooling_entropy", "configs/dynamic_pooling.py",
                   ("model.hierarchical.boundaries=entropy",)),
-              *(Run(n, f"configs/{n}.py") for n in ("megabyte", "spacebyte", "hat", "lyt", "byte2word"))),
+              *(Run(n, f"configs/{n}.py") for n in ("megabyte", "spacebyte", "hat", "lyt", "byte2word",
+                                                    "toucan"))),
         budget=("train.steps=600", "train.eval_every=0", "checkpoint.every=600")),
 }
 

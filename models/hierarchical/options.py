@@ -84,6 +84,12 @@ def options(config: Any) -> dict[str, Any]:
   for key, choices in CHOICES.items():
     if opts[key] not in choices:
       raise ValueError(f"unknown model.hierarchical.{key} {opts[key]!r}; expected one of {', '.join(choices)}.")
+  if opts["capacity"] < 0 or opts["capacity"] == 1:
+    raise ValueError(f"model.hierarchical.capacity must be 0 (seq_len // expected_patch + 1) or >= 2 (the null "
+                     f"slot and at least one group), got {opts['capacity']}.")
+  if opts["expected_patch"] < 1 or opts["patch_size"] < 1:
+    raise ValueError("model.hierarchical.expected_patch and patch_size must be >= 1, got "
+                     f"{opts['expected_patch']} and {opts['patch_size']}.")
   if not opts["temperature"] > 0:
     raise ValueError(f"model.hierarchical.temperature must be > 0, got {opts['temperature']}.")
   if not 0 < opts["prior"] < 1:
