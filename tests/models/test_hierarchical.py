@@ -243,7 +243,7 @@ def test_bad_options_are_one_clear_error():
   for option, value in (("capacity", 1), ("capacity", -3), ("expected_patch", 0)):
     with pytest.raises(ValueError, match=f"model.hierarchical.{option}"):
       models.get_family(tiny("hourglass", **{option: value}))
-  with pytest.raises(ValueError, match="needs model.hierarchical.width > 0"):
+  with pytest.raises(ValueError, match="need model.hierarchical.width > 0"):
     models.get_family(tiny("dynamic_pooling_whitespace", pooling="concat"))
   with pytest.raises(ValueError, match="end_of_token needs model.vocab_size > 259"):
     models.get_family(tiny("dynamic_pooling_whitespace", end_of_token=True))
