@@ -33,6 +33,18 @@ and the family adds the mean L_b / BCE ("boundary_loss") to the objective as an 
 Capacity S (`capacity`, slots incl. the null one) is static: bytes of groups beyond it are not pooled, and
 their targets are masked out of the loss and counted ("overflow_bytes"), SpaceByte's rule (§11.1), so bpb
 never silently scores fewer bytes.
+
+The other published models are configurations (options.py has each option's equation and source):
+pooling "attention" (Hourglass/Funnel, §6), "latent" (HAT's encoder connector §4.3, Byte2Word §9, LYT's
+prefix slot §8), "concat" (MEGABYTE's global input §10.1); upsampling "linear" / "attention" (Hourglass),
+"slice" (MEGABYTE's W^GL), "cross" (HAT's predictive embedding), "boundary" (SpaceByte); patch-scoped byte
+layers (MEGABYTE's local model, LYT's word encoder / decoder) and fresh decoder embeddings (E^l, E^l-pad);
+"end_of_token" (Toucan §7, ops/pooling/end_of_token.py). The differences from each paper that a causal
+byte stream forces are stated in the config files (configs/<model>.py).
+
+Generation is incremental (model.py, HierarchicalLM(decode=True), one byte or token per call): the byte
+layers on KV caches, the global stack stepped once per completed slot, the boundaries from the same rule
+or predictor (Toucan: from the decoder's EOTs), equal to the parallel forward's logits within 1e-5.
 """
 
 from typing import Any
