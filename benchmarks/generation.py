@@ -2,7 +2,7 @@
 
     python -m benchmarks.generation                                    # every hierarchical config + flat
     python -m benchmarks.generation --configs=dynamic_pooling,megabyte --max_new=256 --out=gen.md
-    python -m benchmarks.generation --configs=toucan,dynamic_pooling --config.model.hierarchical.boundaries=learned
+    python -m benchmarks.generation --configs=toucan,dynamic_pooling
 
 For each config (random weights at the config's own sizes; the flat byte Transformer of
 benchmarks/hierarchical.py beside them) and one prompt of --prompt bytes from the bundled valid split,

@@ -25,6 +25,7 @@ CONFIGS = {
     "megabyte": (megabyte, {"global_d_model": 128, "global_num_heads": 2}),
     "lyt": (lyt, {}),
     "byte2word": (byte2word, {}),
+    "toucan_entropy": (toucan, {"boundaries": "entropy"}),
     "toucan_learned": (toucan, {"boundaries": "learned"}),
     "toucan_whitespace": (toucan, {"boundaries": "whitespace"}),
     "dynamic_pooling_whitespace": (dynamic_pooling, {}),
@@ -255,7 +256,7 @@ def test_bad_options_are_one_clear_error():
 # Incremental decoding (HierarchicalLM decode step) against the parallel forward: one config per boundary
 # source and the patch-scoped / width-based layouts in the default run, the rest with --runslow.
 DECODE_DEFAULT = ("hourglass", "dynamic_pooling_whitespace", "spacebyte", "hat_words", "megabyte",
-                  "dynamic_pooling_learned", "dynamic_pooling_entropy", "toucan_learned")
+                  "dynamic_pooling_learned", "dynamic_pooling_entropy", "toucan_entropy")
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in DECODE_DEFAULT else pytest.mark.slow)
