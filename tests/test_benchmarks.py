@@ -2,6 +2,8 @@
 
 import re
 
+import pytest
+
 from benchmarks import kernels
 from benchmarks import train_loop
 
@@ -65,6 +67,7 @@ def test_hierarchical_benchmark_reports_each_config_beside_the_flat_baseline(cap
   assert rows[1][1:] == ("— | —", "1.00", "1.00"), report
 
 
+@pytest.mark.slow
 def test_generation_benchmark_times_incremental_against_recompute_with_the_same_bytes(capsys):
   from benchmarks import generation
   tiny = ["--config.train.seq_len=32", "--config.model.d_model=32", "--config.model.num_heads=2",
@@ -79,6 +82,7 @@ def test_generation_benchmark_times_incremental_against_recompute_with_the_same_
   assert all(r[1] == "yes" for r in rows), report  # greedy: both paths emit the same bytes
 
 
+@pytest.mark.slow
 def test_experiment_runner_trains_skips_finished_runs_and_writes_the_table(tmp_path, capsys):
   from benchmarks import experiments
   args = ["hierarchical", f"--out={tmp_path}", "--runs=flat", "--steps=2"]

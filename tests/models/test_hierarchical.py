@@ -127,7 +127,13 @@ def test_overflow_is_masked_and_counted_and_no_boundaries_works(name):
 TOUCAN = sorted(n for n in CONFIGS if n.startswith("toucan"))
 
 
-@pytest.mark.parametrize("name", sorted(set(CONFIGS) - set(TOUCAN)))  # Toucan: test_toucan_generation
+# One config per boundary source and layout in the default run (the decode tests cover every config's
+# step); the rest with --runslow. Toucan: test_toucan_generation_steps_the_global_stack_once_per_eot.
+GENERATE_DEFAULT = ("hourglass", "dynamic_pooling_whitespace", "megabyte", "hat_words", "dynamic_pooling_learned")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in GENERATE_DEFAULT else pytest.mark.slow)
+                                  for n in sorted(set(CONFIGS) - set(TOUCAN))])
 def test_generate_continues_the_greedy_forward(name):
   family, params, apply = setup(name)
   prompt = jnp.asarray(text_ids("x = 1 ", 6))[None]
