@@ -77,6 +77,14 @@ def generate_by_recompute(model: nn.Module, params: Any, prompt: jax.Array, rng:
   return buffer[:, prompt_len:]
 
 
+def _per_row(one_row: Any, prompt: jax.Array, rng: jax.Array) -> jax.Array:
+  """one_row(prompt [P], rng) -> [N] over the rows of prompt [B, P], each with its own key; one row runs
+  without vmap, so the model's conds stay conds (a vmapped cond runs both branches)."""
+  if prompt.shape[0] == 1:
+    return one_row(prompt[0], rng)[None]
+  return jax.vmap(one_row)(prompt, jax.random.split(rng, prompt.shape[0]))
+
+
 @functools.partial(jax.jit, static_argnames=("model", "max_new", "temperature", "top_k"))
 def generate_stepwise(model: nn.Module, params: Any, prompt: jax.Array, rng: jax.Array, *, max_new: int,
                       temperature: float = 0.0, top_k: int = 0) -> jax.Array:
@@ -84,7 +92,7 @@ def generate_stepwise(model: nn.Module, params: Any, prompt: jax.Array, rng: jax
   per call (models/hierarchical: its state is per row). Each row runs on its own (vmapped); the prompt
   is fed one token at a time too, so prefill and generation are the same step.
   """
-  batch, prompt_len = prompt.shape
+  prompt_len = prompt.shape[1]
   cache = init_cache(model, 1, prompt_len + max_new)
 
   def step(cache, token):
@@ -106,9 +114,7 @@ def generate_stepwise(model: nn.Module, params: Any, prompt: jax.Array, rng: jax
     _, rest = jax.lax.scan(body, (row_cache, first, rng), None, length=max_new - 1)
     return jnp.concatenate([first[None], rest])
 
-  if batch == 1:  # no vmap: the model's conds stay conds (a vmapped cond runs both branches)
-    return one_row(prompt[0], rng)[None]
-  return jax.vmap(one_row)(prompt, jax.random.split(rng, batch))
+  return _per_row(one_row, prompt, rng)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new", "eot_id", "temperature", "top_k"))
@@ -119,7 +125,7 @@ def generate_with_end_of_token(model: nn.Module, params: Any, prompt: jax.Array,
   a time, each followed by EOT where the model's boundary source proposes one (cache "proposed_end");
   generated EOTs are fed back but not returned. Once every slot is used ("slots_done" == the capacity) EOT
   is not sampled, as the parallel forward inserts none beyond the capacity."""
-  batch, prompt_len = prompt.shape
+  prompt_len = prompt.shape[1]
   cache = init_cache(model, 1, prompt_len + max_new)
   capacity = cache["global_out"].shape[1]
   eot = jnp.full((), eot_id, jnp.int32)
@@ -151,7 +157,5 @@ def generate_with_end_of_token(model: nn.Module, params: Any, prompt: jax.Array,
     init = (row_cache, logits, rng, jnp.zeros((max_new,), jnp.int32), jnp.zeros((), jnp.int32))
     return jax.lax.while_loop(lambda c: c[4] < max_new, body, init)[3]
 
-  if batch == 1:
-    return one_row(prompt[0], rng)[None]
-  return jax.vmap(one_row)(prompt, jax.random.split(rng, batch))
+  return _per_row(one_row, prompt, rng)
 

@@ -124,7 +124,8 @@ def _resampling(cfg: Any, opts: dict[str, Any], dg: int, seq_len: int, slots: fl
   (HierarchicalLM's _pool, _to_global and upsampling), on S = slots per T = seq_len bytes. Attention
   pooling / upsampling: q and out projections on the queries' side, k and v on the keys', and the dense
   S x T scores and values."""
-  d, hd = cfg.d_model, layers.attention_dims(cfg)[0] * layers.attention_dims(cfg)[2]
+  heads, _, head_dim = layers.attention_dims(cfg)
+  d, hd = cfg.d_model, heads * head_dim
   mlp = 3 * d * (cfg.mlp_dim or layers.default_mlp_dim(d))
   width, rate = hierarchical.group_width(opts), slots / seq_len
   pool_mode, up_mode, linear = opts["pooling"], opts["upsampling"], opts["projection"] == "linear"

@@ -84,6 +84,11 @@ class PredictiveEmbedding(nn.Module):
                                dtype=dtype, name="out")(v)
 
 
+def _document_read(read: jax.Array, slot_segments: jax.Array, segment_ids: jax.Array) -> jax.Array:
+  """The slot each byte reads [B, T]: `read`, or the null slot 0 where that slot holds another document."""
+  return jnp.where(jnp.take_along_axis(slot_segments, read, axis=1) == segment_ids, read, 0)
+
+
 def _mlp(cfg: Any, x: jax.Array, dtype: Any, name: str) -> jax.Array:
   """x + MLP(RMSNorm(x)), the feed-forward half of a block (Hourglass's resampling layers end with one)."""
   h = layers.RMSNorm(cfg.norm_eps, dtype, name=f"{name}_norm")(x)
@@ -290,33 +295,26 @@ class HierarchicalLM(nn.Module):
     if opts["end_of_token"]:
       expanded, layout = self._end_of_token_decoder(opts, x, s, ends, groups, slot_segments, segment_ids,
                                                     positions, embed)
-      logits = pooling.next_byte_view(expanded, layout)
-      if self.decode:  # the init call: the decode state, sized to this length
-        self._decode_state(b, t, groups.capacity, s.shape[-1], dtype)
-      if not self.with_aux:
-        return logits
-      aux = {"overflow": layout.overflow, "patches": jnp.minimum(groups.counts, groups.capacity - 1),
-             "expanded_logits": expanded, "layout": layout}
-      if source in TRAINED_SOURCES:
-        aux["boundary_loss"] = boundary_loss(opts, inputs, segment_ids, z, straight, logits)
-      return logits, aux
-
-    # The slot byte t reads: its read slot, the last stored one for overflow bytes, and the null slot when
-    # that slot belongs to another document.
-    read = jnp.where(groups.overflow, groups.capacity - 1, groups.reads)
-    read = jnp.where(jnp.take_along_axis(slot_segments, read, axis=1) == segment_ids, read, 0)
-    offsets = pooling.read_offsets(read, segment_ids)
-    if opts["decoder_scope"] == "patch":  # MEGABYTE's local model: each read run on its own
-      dec_segments, dec_positions = pooling.run_ids(read, segment_ids), offsets
+      logits, overflow = pooling.next_byte_view(expanded, layout), layout.overflow
+      extra = {"expanded_logits": expanded, "layout": layout}
     else:
-      dec_segments, dec_positions = segment_ids, positions
-    logits = self._decode_bytes(opts, inputs, x, s, read, offsets, ends & ~groups.overflow, slot_segments,
-                                segment_ids, dec_segments, dec_positions, embed)
+      # The slot byte t reads: its read slot, the last stored one for overflow bytes, and the null slot
+      # when that slot belongs to another document.
+      read = _document_read(jnp.where(groups.overflow, groups.capacity - 1, groups.reads), slot_segments,
+                            segment_ids)
+      offsets = pooling.read_offsets(read, segment_ids)
+      if opts["decoder_scope"] == "patch":  # MEGABYTE's local model: each read run on its own
+        dec_segments, dec_positions = pooling.run_ids(read, segment_ids), offsets
+      else:
+        dec_segments, dec_positions = segment_ids, positions
+      logits = self._decode_bytes(opts, inputs, x, s, read, offsets, ends & ~groups.overflow, slot_segments,
+                                  segment_ids, dec_segments, dec_positions, embed)
+      overflow, extra = groups.overflow, {}
     if self.decode:  # the init call: the decode state, sized to this length
       self._decode_state(b, t, groups.capacity, s.shape[-1], dtype)
     if not self.with_aux:
       return logits
-    aux = {"overflow": groups.overflow, "patches": jnp.minimum(groups.counts, groups.capacity - 1)}
+    aux = {"overflow": overflow, "patches": jnp.minimum(groups.counts, groups.capacity - 1), **extra}
     if source in TRAINED_SOURCES:
       aux["boundary_loss"] = boundary_loss(opts, inputs, segment_ids, z, straight, logits)
     return logits, aux
@@ -328,10 +326,9 @@ class HierarchicalLM(nn.Module):
     cfg = self.config
     dtype = layers.dtype_of(cfg.dtype)
     layout = pooling.eot_layout(ends, groups, segment_ids, positions)
-    same_document = lambda read: jnp.where(jnp.take_along_axis(slot_segments, read, axis=1) == segment_ids,
-                                           read, 0)
     slots = self._to_bytes(opts, s, dtype)
-    gather = lambda read: jnp.take_along_axis(slots, same_document(read)[..., None], axis=1)
+    gather = lambda read: jnp.take_along_axis(slots, _document_read(read, slot_segments, segment_ids)[..., None],
+                                              axis=1)
     eot = embed(jnp.full(ends.shape, EOT_ID, jnp.int32))
     h = pooling.expand_layout(layout, x + gather(layout.reads),
                               eot + gather(jnp.minimum(layout.reads + 1, groups.capacity - 1)), 0)
@@ -351,15 +348,19 @@ class HierarchicalLM(nn.Module):
             "slots_done": var("slots_done", (), jnp.int32), "step": var("step", (), jnp.int32),
             "proposed_end": var("proposed_end", (b,), jnp.bool_)}
 
-  def _global_slot(self, gcfg, encoded, ends, j, num_slots):
-    """Slot j pooled from the stored encoder states and boundaries, one cached step of the global stack."""
+  def _global_slots(self, gcfg, encoded, groups, first, count):
+    """Slots first .. first + count - 1 pooled from the stored encoder states, each one cached step of the
+    global stack -> [1, count, Dg]. Call it once per (lifted) branch: it creates the pooling and global
+    modules there."""
     pool, to_global, global_blocks = self._global_stack(gcfg)
-    groups = pooling.group_ids(ends, num_slots)
-    slots = pool(encoded, groups, jnp.ones(ends.shape, jnp.int32), None)
-    s = to_global(jax.lax.dynamic_slice_in_dim(slots, j, 1, axis=1))
-    for block in global_blocks:
-      s = block(s, None, None)
-    return s.astype(layers.dtype_of(self.config.dtype))
+    slots = pool(encoded, groups, jnp.ones(groups.exclusive.shape, jnp.int32), None)
+    outs = []
+    for i in range(count):
+      s = to_global(jax.lax.dynamic_slice_in_dim(slots, first + i, 1, axis=1))
+      for block in global_blocks:
+        s = block(s, None, None)
+      outs.append(s.astype(layers.dtype_of(self.config.dtype)))
+    return jnp.concatenate(outs, axis=1)
 
   def _end_of_token_step(self, opts, inputs, embed):
     """Toucan's decoding, one token of the expanded stream per call: inputs [1, 1], a byte or EOT_ID ->
@@ -391,7 +392,8 @@ class HierarchicalLM(nn.Module):
       else:
         proposed = jax.lax.dynamic_index_in_dim(boundaries(ids, opts)[0], t, axis=1, keepdims=False)
       if with_null:  # the very first token: the null slot through the global stack first
-        global_out = global_out.at[:, :1].set(module._global_slot(gcfg, encoded, ends, 0, num_slots))
+        global_out = global_out.at[:, :1].set(
+            module._global_slots(gcfg, encoded, pooling.group_ids(ends, num_slots), 0, 1))
         done = jnp.ones_like(done)
       h = x + read_slot(module, global_out, done - 1)
       return h.astype(dtype), (ids, encoded, ends, global_out, done, t + 1, proposed)
@@ -400,8 +402,8 @@ class HierarchicalLM(nn.Module):
       ids, encoded, ends, global_out, done, t, proposed = carry
       if stored:  # the group of the last byte ends: pool it into slot `done`, one global step
         ends = jax.lax.dynamic_update_slice(ends, jnp.ones((1, 1), bool), (0, t - 1))
-        global_out = jax.lax.dynamic_update_slice(global_out, module._global_slot(gcfg, encoded, ends, done, num_slots),
-                                                  (0, done, 0))
+        closed = module._global_slots(gcfg, encoded, pooling.group_ids(ends, num_slots), done, 1)
+        global_out = jax.lax.dynamic_update_slice(global_out, closed, (0, done, 0))
         done = done + 1
       h = embed(jnp.full((1, 1), EOT_ID, jnp.int32)) + read_slot(module, global_out, done - 1)
       return h.astype(dtype), (ids, encoded, ends, global_out, done, t, proposed)
@@ -436,15 +438,12 @@ class HierarchicalLM(nn.Module):
     state = self._decode_state()
     t = state["step"].value
     ids = jax.lax.dynamic_update_slice(state["ids"].value, inputs, (0, t))
-    num_slots, length = state["global_out"].value.shape[1], ids.shape[1]
+    num_slots = state["global_out"].value.shape[1]
     ones = jnp.ones_like(ids)
     at_t = lambda v: jax.lax.dynamic_slice_in_dim(v, t, 1, axis=1)
-    source, known = opts["boundaries"], None
-    rule = "inclusive"
-    if source not in TRAINED_SOURCES:
+    if opts["boundaries"] not in TRAINED_SOURCES:
       ends, known = boundaries(ids, opts)
-      rule = "inclusive" if known is None else "exclusive"
-      groups = pooling.group_ids(ends, num_slots, known=known, rule=rule)
+      groups = pooling.group_ids(ends, num_slots, known=known, rule="inclusive" if known is None else "exclusive")
       enc_segments = at_t(pooling.run_ids(groups.exclusive, ones)) if opts["encoder_scope"] == "patch" else None
       x = self._byte_layers(embed(inputs), "encoder", opts["encoder_layers"], enc_segments, None)
     else:
@@ -460,16 +459,10 @@ class HierarchicalLM(nn.Module):
 
     def global_steps(count):  # the next `count` slots through the global stack, one cached step each
       def run(module, encoded, groups, done):  # module: the lifted HierarchicalLM, where they are created
-        pool, to_global, global_blocks = module._global_stack(gcfg)
-        slots = pool(encoded, groups, jnp.ones((1, length), jnp.int32), None)
-        outs = []
-        for i in range(count):
-          s = to_global(jax.lax.dynamic_slice_in_dim(slots, done + i, 1, axis=1))
-          for block in global_blocks:
-            s = block(s, None, None)
-          outs.append(s.astype(dtype))
-        outs += [jnp.zeros((1, 1, gcfg.d_model), dtype)] * (MAX_SLOTS_PER_BYTE - count)
-        return jnp.concatenate(outs, axis=1)
+        pad = jnp.zeros((1, MAX_SLOTS_PER_BYTE - count, gcfg.d_model), dtype)
+        if count == 0:
+          return pad
+        return jnp.concatenate([module._global_slots(gcfg, encoded, groups, done, count), pad], axis=1)
       return run
 
     done = state["slots_done"].value
