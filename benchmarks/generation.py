@@ -42,7 +42,7 @@ def _define_flags(fv: flags.FlagValues) -> None:
 
 
 def _prompt(config, length: int) -> jax.Array:
-  ids = corpora.load_stream(config.data, "valid")[:length]
+  ids = corpora.open_split(config.data, "valid").read(0, length)
   return jnp.asarray(np.asarray(ids, np.int32)[None])
 
 

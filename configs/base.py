@@ -90,8 +90,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.dtype = "float32"  # set from train.compute_dtype at run time
 
   config.data = ml_collections.ConfigDict()
-  config.data.source = "bundled"  # bundled | files | single_file | mqar (synthetic, data/synthetic.py)
-  config.data.paths = ()  # files / dirs / globs for source=files; one file for single_file
+  # bundled | files | single_file | jsonl | parquet | array_record (data/corpora.py) | mqar (data/synthetic.py)
+  config.data.source = "bundled"
+  config.data.paths = ()  # files / dirs / globs (shards) of the source; one file for single_file
+  config.data.text_field = "text"  # the jsonl field / parquet column that holds a document's text
+  config.data.split_paths = ml_collections.ConfigDict()  # the dataset's own split files (replace data.paths)
+  config.data.split_paths.train = ()
+  config.data.split_paths.valid = ()
+  config.data.split_paths.test = ()
+  config.data.cache_dir = ""  # byte-store cache; "" = $BYTELAB_DATA_CACHE or ~/.cache/bytelab/data
   config.data.shuffle = True
   config.data.segment_documents = True  # packed documents get segment ids (no cross-document attention)
   config.data.max_corpus_bytes = 0  # 0 = no cap; cap the train split (bytes) for quick experiments
@@ -109,6 +116,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.batch_size = 16
   config.eval.max_batches = 8  # periodic evals: batches spread over the split; 0 = the whole split
   config.eval.final_max_batches = 0  # the end-of-run eval (the final line); 0 = the whole split
+  config.eval.compressor_max_bytes = 16 << 20  # gzip / xz on an even sample of this size of larger splits
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every = 1050  # save every K steps (and always at the end and on SIGTERM/SIGINT)

@@ -1,4 +1,8 @@
-"""Text corpora as documents (bytes) and as id streams, split into train/valid/test.
+"""Text corpora as documents, split into train/valid/test and kept in an on-disk byte store.
+
+A split is read as its id stream: each document's bytes then EOS_ID, concatenated. open_split returns it
+as a data/store.py SplitStore, memory-mapped from a cache entry that is built once per source and split
+rule by streaming the source file by file, so neither the build nor a reader holds the corpus in memory.
 
 Sources (`config.data.source`):
 
@@ -23,35 +27,58 @@ Sources (`config.data.source`):
 * ``single_file``: exactly one file, split contiguously (enwik8 style): the first
   90% of its bytes is train, the next 5% valid, the last 5% test; each split is
   one document.
+* ``jsonl``, ``parquet``, ``array_record``: record files found as for ``files``
+  (globs over many shards), read by data/sources.py: one document per JSON line
+  (field ``data.text_field``; .gz and .zst files too), per parquet row (column
+  ``data.text_field``) or per ArrayRecord record. Files are read in entry order,
+  records in file order, and record i of the file with key k goes to a split by
+  the crc32 rule on the key ``f"{k}:{i}"``, so even one shard yields all three
+  splits.
+* Named splits: ``config.data.split_paths.{train,valid,test}`` list the dataset's
+  own files per split (entries as for ``data.paths``, which is then ignored), for
+  ``files`` and the record sources. Every document of those files goes to that split.
 
 * ``mqar`` (synthetic, no documents): multi-query associative recall sequences
   built on the fly by ``data/synthetic.py`` (options under ``data.mqar``);
   ``data/pipeline.py`` serves its batches, so it has no stream here.
 
-Split ``all`` is every document of the source (e.g. to evaluate a checkpoint on
-an arbitrary text file). ``config.data.max_corpus_bytes > 0`` truncates the train
-split to that many bytes (documents in order, the last one cut).
+Split ``all`` is every document of the source in source order (e.g. to evaluate a checkpoint on an
+arbitrary text file); it is a cache entry of its own. ``config.data.max_corpus_bytes > 0`` truncates the
+train split to that many bytes (documents in order, the last one cut) without rebuilding anything.
+
+The cache: ``config.data.cache_dir``, else ``$BYTELAB_DATA_CACHE``, else ``~/.cache/bytelab/data``
+(``$XDG_CACHE_HOME`` respected). An entry is named by the source and a hash of its key: the source, the
+split rule, the text field and every input file's resolved path, size and modification time (not a hash
+of the contents, which would read the whole corpus at every start; a changed file changes its size or
+time). data/store.py rebuilds an entry that another store format wrote, saying so.
 """
 
+import dataclasses
 import glob
+import hashlib
+import json
 import os
+import sys
 import sysconfig
+import time
 import zlib
 from typing import Any, Sequence
 
-import numpy as np
-
-from data import bytes as byte_vocab
+from data import sources
+from data import store as store_lib
 
 SPLITS = ("train", "valid", "test", "all")
-SOURCES = ("bundled", "files", "single_file")
+SOURCES = ("bundled", "files", "single_file", "jsonl", "parquet", "array_record")
+RECORD_SOURCES = tuple(sources.RECORD_READERS)
 SYNTHETIC_SOURCES = ("mqar",)  # generated batch by batch in data/pipeline.py, never read as text
+_TRAIN_VALID_TEST = ("train", "valid", "test")
+_PROGRESS_MIN_BYTES = 64 << 20  # builds of smaller sources take about a second: no build lines
 
 _BUNDLED_EXCLUDED_DIRS = frozenset(
     ("site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo"))
 
-# (source, paths, split, cap) -> read-only int32 stream; the bundled corpus is ~10 MB.
-_STREAM_CACHE: dict[tuple[Any, ...], np.ndarray] = {}
+# (data options that name the corpus, split) -> the open SplitStore (memory maps, no data).
+_OPEN_SPLITS: dict[tuple[Any, ...], store_lib.SplitStore] = {}
 
 
 class DataError(ValueError):
@@ -62,11 +89,6 @@ def _split_of(key: str) -> str:
   """The split of a whole-file document, from a stable hash of its path key."""
   h = zlib.crc32(key.encode("utf-8")) % 100
   return "train" if h < 90 else ("valid" if h < 95 else "test")
-
-
-def _read(path: str) -> bytes:
-  with open(path, "rb") as f:
-    return f.read()
 
 
 def _bundled_files() -> list[tuple[str, str]]:
@@ -126,49 +148,62 @@ def _config_paths(data_config: Any) -> tuple[str, ...]:
   return tuple(str(p) for p in paths)
 
 
-def _files_documents(paths: Sequence[str]) -> list[tuple[str, bytes]]:
-  """Returns (split key, contents) of every file that the entries name, in order."""
-  if not paths:
-    raise DataError("data.paths is empty; data.source='files' needs at least one file, "
-                    "directory or glob.")
-  seen, docs = set(), []
-  for entry in paths:
+
+
+def _named_split_paths(data_config: Any) -> dict[str, tuple[str, ...]]:
+  """{split: entries} of data.split_paths ({} when it names nothing)."""
+  named = getattr(data_config, "split_paths", None)
+  out = {}
+  for split in _TRAIN_VALID_TEST:
+    entries = getattr(named, split, ()) if named is not None else ()
+    if isinstance(entries, (str, os.PathLike)):
+      entries = (entries,)
+    out[split] = tuple(str(p) for p in entries or ())
+  return out if any(out.values()) else {}
+
+
+@dataclasses.dataclass(frozen=True)
+class _File:
+  key: str  # the split key (module docstring)
+  path: str
+  split: str | None  # the named split of every document in it, or None: split by the crc32 rule
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """What one cache entry is built from: the files in order and how their documents are split."""
+  source: str
+  splits: tuple[str, ...]  # ("train", "valid", "test") or ("all",)
+  files: tuple[_File, ...]
+  text_field: str
+  rule: str  # how documents get their split (part of the cache key)
+
+  def key(self) -> dict[str, Any]:
+    stats = [os.stat(f.path) for f in self.files]
+    return {"source": self.source, "splits": list(self.splits), "rule": self.rule,
+            "text_field": self.text_field if self.source in RECORD_SOURCES else "",
+            "files": [[f.key, os.path.realpath(f.path), f.split, st.st_size, st.st_mtime_ns]
+                      for f, st in zip(self.files, stats)]}
+
+  def total_bytes(self) -> int:
+    return sum(os.path.getsize(f.path) for f in self.files)
+
+
+def _discover(entries: Sequence[str], split: str | None, seen: set[str], setting: str) -> list[_File]:
+  found = []
+  for entry in entries:
     files = _entry_files(entry)
     if not files:
-      raise DataError(f"data.paths entry {entry!r} matches no file.")
+      raise DataError(f"{setting} entry {entry!r} matches no file.")
     for key, path in files:
       real = os.path.realpath(path)
       if real not in seen:
         seen.add(real)
-        docs.append((key, _read(path)))
-  return docs
+        found.append(_File(key, path, split))
+  return found
 
 
-def _single_file_splits(paths: Sequence[str]) -> dict[str, bytes]:
-  if len(paths) != 1:
-    raise DataError(f"data.source='single_file' needs exactly one path in data.paths, "
-                    f"got {len(paths)}.")
-  path = os.path.expanduser(paths[0])
-  if not os.path.isfile(path):
-    raise DataError(f"data.paths entry {paths[0]!r} is not a file.")
-  text = _read(path)
-  a, b = len(text) * 90 // 100, len(text) * 95 // 100
-  return {"train": text[:a], "valid": text[a:b], "test": text[b:], "all": text}
-
-
-def _cap(docs: list[bytes], max_bytes: int) -> list[bytes]:
-  """Keeps the first max_bytes bytes of the documents, in order."""
-  out, left = [], max_bytes
-  for doc in docs:
-    if left <= 0:
-      break
-    out.append(doc[:left])
-    left -= len(out[-1])
-  return out
-
-
-def load_documents(data_config: Any, split: str) -> list[bytes]:
-  """Returns the documents (raw bytes) of one split, in a deterministic order."""
+def _plan(data_config: Any, split: str) -> _Plan:
   source = getattr(data_config, "source", "bundled")
   if source in SYNTHETIC_SOURCES:
     raise DataError(f"data.source {source!r} is synthetic: it has batches (data/pipeline.py), not "
@@ -178,49 +213,192 @@ def load_documents(data_config: Any, split: str) -> list[bytes]:
                     f"{', '.join(SOURCES + SYNTHETIC_SOURCES)}.")
   if split not in SPLITS:
     raise DataError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}.")
-  paths = _config_paths(data_config)
-  hint = ""
+  splits = ("all",) if split == "all" else _TRAIN_VALID_TEST
+  text_field = str(getattr(data_config, "text_field", "text") or "text")
+  named = _named_split_paths(data_config)
+  if named and source in ("bundled", "single_file"):
+    raise DataError(f"data.split_paths names files per split, which data.source={source!r} does not take; "
+                    "use data.source='files' or a record source (jsonl, parquet, array_record).")
   if source == "bundled":
-    files = _bundled_files()
-    docs = [_read(p) for key, p in files if split == "all" or _split_of(key) == split]
-  elif source == "files":
-    keyed = _files_documents(paths)
-    docs = [d for key, d in keyed if split == "all" or _split_of(key) == split]
-    hint = (f"{len(docs)} of the {len(keyed)} file(s) landed in it (each file goes whole to "
-            "one split by a hash of its path), so add more files or use "
-            "data.source='single_file'")
-    if not any(d for _, d in keyed):
-      hint = f"every file that data.paths names is empty ({len(keyed)} file(s))"
-  else:
-    splits = _single_file_splits(paths)
-    docs = [splits[split]]
-    hint = f"the file {paths[0]!r} has only {len(splits['all'])} bytes"
-  max_bytes = int(getattr(data_config, "max_corpus_bytes", 0) or 0)
-  if split == "train" and max_bytes > 0:
-    docs = _cap(docs, max_bytes)
-  if sum(len(d) for d in docs) == 0:
-    raise DataError(f"the {split!r} split of data source {source!r} is empty (0 bytes); "
-                    + (hint or "the corpus has no text for it") + ".")
-  return docs
+    files = [_File(key, path, None) for key, path in _bundled_files()]
+    return _Plan(source, splits, tuple(files), text_field, "crc32 90/5/5 of the relative path")
+  if named:
+    seen: set[str] = set()
+    files = [f for s in _TRAIN_VALID_TEST
+             for f in _discover(named[s], s, seen, f"data.split_paths.{s}")]
+    return _Plan(source, splits, tuple(files), text_field, "named split files")
+  paths = _config_paths(data_config)
+  if source == "single_file":
+    if len(paths) != 1:
+      raise DataError(f"data.source='single_file' needs exactly one path in data.paths, "
+                      f"got {len(paths)}.")
+    path = os.path.expanduser(paths[0])
+    if not os.path.isfile(path):
+      raise DataError(f"data.paths entry {paths[0]!r} is not a file.")
+    return _Plan(source, splits, (_File(os.path.basename(path), path, None),), text_field,
+                 "contiguous 90/5/5 of the bytes")
+  if not paths:
+    raise DataError(f"data.paths is empty; data.source={source!r} needs at least one file, "
+                    "directory or glob.")
+  rule = "crc32 90/5/5 of the file key" if source == "files" else "crc32 90/5/5 of file key:record index"
+  return _Plan(source, splits, tuple(_discover(paths, None, set(), "data.paths")), text_field, rule)
 
 
-def load_stream(data_config: Any, split: str) -> np.ndarray:
-  """Returns the split as int32 ids [n]: each document's bytes then EOS_ID, concatenated.
+def cache_root(data_config: Any) -> str:
+  """The directory that holds the byte-store cache entries (module docstring)."""
+  configured = str(getattr(data_config, "cache_dir", "") or "") or os.environ.get("BYTELAB_DATA_CACHE", "")
+  if configured:
+    return os.path.abspath(os.path.expanduser(configured))
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "bytelab", "data")
 
-  Cached per (source, paths, split, cap); the returned array is read-only.
+
+def _entry_directory(data_config: Any, plan: _Plan, key: dict[str, Any]) -> str:
+  digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+  return os.path.join(cache_root(data_config), f"{plan.source}-{'all' if plan.splits == ('all',) else 'tvt'}-{digest}")
+
+
+def _document_split(plan: _Plan, f: _File, key: str) -> str | None:
+  """The split that a document of file f with split key `key` goes to (None: not in this entry)."""
+  if plan.splits == ("all",):
+    return "all"
+  return f.split or _split_of(key)
+
+
+def _build(plan: _Plan, writer: store_lib.StoreWriter, progress: Any) -> dict[str, Any]:
+  """Streams every document of the plan into the writer; returns meta.json's stats."""
+  files_per_split = dict.fromkeys(plan.splits, 0)
+  counts = sources.ReadCounts()
+  if plan.source == "single_file":
+    (f,) = plan.files
+    size = os.path.getsize(f.path)
+    a, b = size * 90 // 100, size * 95 // 100
+    ranges = {"all": (0, size)} if plan.splits == ("all",) else {
+        "train": (0, a), "valid": (a, b), "test": (b, size)}
+    for split, (start, stop) in ranges.items():
+      for chunk in sources.file_chunks(f.path, start, stop):
+        writer.write(split, chunk)
+        progress.update(len(chunk))
+      writer.end_document(split)
+      files_per_split[split] = 1
+    return {"stats": {"files": 1, "files_per_split": files_per_split, "bytes_in": size}}
+  reader = sources.RECORD_READERS.get(plan.source)
+  for f in plan.files:
+    if reader is None:  # bundled / files: the whole file is one document
+      split = _document_split(plan, f, f.key)
+      if split in files_per_split:
+        for chunk in sources.file_chunks(f.path):
+          writer.write(split, chunk)
+        writer.end_document(split)
+        files_per_split[split] += 1
+    else:
+      try:
+        for index, document in enumerate(reader(f.path, plan.text_field, counts)):
+          writer.add_document(_document_split(plan, f, f"{f.key}:{index}"), document)
+      except sources.SourceError as e:
+        raise DataError(str(e)) from None
+    progress.update(os.path.getsize(f.path))
+  return {"stats": {"files": len(plan.files), "files_per_split": files_per_split,
+                    "bytes_in": plan.total_bytes(), **dataclasses.asdict(counts)}}
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+  # training/metrics.py owns the project's progress lines (tqdm on a terminal, plain lines in logs).
+  from training import metrics  # pylint: disable=import-outside-toplevel
+  return metrics.progress(total=total, unit="B", desc=desc, enabled=enabled)
+
+
+def _open_entry(data_config: Any, plan: _Plan, show_progress: bool) -> tuple[str, dict[str, Any]]:
+  key = plan.key()
+  directory = _entry_directory(data_config, plan, key)
+  built = []
+
+  total = plan.total_bytes()
+  verbose = show_progress and total >= _PROGRESS_MIN_BYTES  # small sources build in about a second
+
+  def build(writer: store_lib.StoreWriter) -> dict[str, Any]:
+    if verbose:
+      _log(f"building the byte cache of data.source={plan.source!r} ({len(plan.files):,} file(s), "
+           f"{total / 1e6:,.1f} MB) in {directory}")
+    started = time.monotonic()
+    with _progress(total, f"cache {plan.source}", verbose) as bar:
+      stats = _build(plan, writer, bar)
+    built.append(time.monotonic() - started)
+    return stats
+
+  meta = store_lib.open_entry(directory, key, plan.splits, build)
+  if built and verbose:
+    splits = ", ".join(f"{s} {c['ids'] - c['documents']:,} bytes / {c['documents']:,} documents"
+                       for s, c in meta["splits"].items())
+    mb_per_s = meta["stats"]["bytes_in"] / 1e6 / max(built[0], 1e-9)
+    _log(f"built the byte cache in {built[0]:.1f} s ({mb_per_s:,.0f} MB/s): {splits}")
+  skipped = sources.describe_counts(meta["stats"], plan.source, plan.text_field)
+  if built and skipped:  # always said, whatever the size
+    _log(f"data.source={plan.source!r}: {skipped}.")
+  return directory, meta
+
+
+def _log(message: str) -> None:
+  print(message, file=sys.stderr, flush=True)
+
+
+def _empty_hint(plan: _Plan, meta: dict[str, Any], split: str) -> str:
+  stats = meta.get("stats", {})
+  total = stats.get("files", 0)
+  if plan.rule == "named split files":
+    return f"data.split_paths.{split} names no file with text" if split != "all" else "the files are empty"
+  if plan.source == "single_file":
+    return f"the file {plan.files[0].path!r} has only {stats.get('bytes_in', 0)} bytes"
+  if plan.source == "files":
+    if all(c["ids"] == c["documents"] for c in meta["splits"].values()):
+      return f"every file that data.paths names is empty ({total} file(s))"
+    landed = stats.get("files_per_split", {}).get(split, 0)
+    return (f"{landed} of the {total} file(s) landed in it (each file goes whole to one split by a hash of "
+            "its path), so add more files or use data.source='single_file'")
+  if plan.source in RECORD_SOURCES:
+    read = stats.get("records", 0)
+    skipped = sources.describe_counts(stats, plan.source, plan.text_field)
+    return f"{meta['splits'][split]['documents']} of the {read} records landed in it" + (
+        f" ({skipped})" if skipped else "")
+  return "the corpus has no text for it"
+
+
+def _signature(data_config: Any, split: str) -> tuple[Any, ...]:
+  """The data options that name a split's corpus (the in-process memo key)."""
+  named = _named_split_paths(data_config)
+  return (getattr(data_config, "source", "bundled"),
+          tuple(os.path.abspath(os.path.expanduser(p)) for p in _config_paths(data_config)),
+          tuple((s, tuple(os.path.abspath(os.path.expanduser(p)) for p in v)) for s, v in named.items()),
+          str(getattr(data_config, "text_field", "text")), cache_root(data_config), split,
+          int(getattr(data_config, "max_corpus_bytes", 0) or 0) if split == "train" else 0)
+
+
+def open_split(data_config: Any, split: str, *, show_progress: bool = True) -> store_lib.SplitStore:
+  """The split's id stream (module docstring) as a memory-mapped SplitStore, building its cache if needed.
+
+  Memoised per process; raises DataError when the split has no bytes.
   """
-  source = getattr(data_config, "source", "bundled")
-  paths = tuple(os.path.abspath(os.path.expanduser(p)) for p in _config_paths(data_config))
-  cap = int(getattr(data_config, "max_corpus_bytes", 0) or 0)
-  key = (source, paths if source != "bundled" else (), split, cap if split == "train" else 0)
-  if key not in _STREAM_CACHE:
-    docs = load_documents(data_config, split)
-    stream = np.empty(sum(len(d) + 1 for d in docs), np.int32)
-    start = 0
-    for doc in docs:
-      stream[start:start + len(doc)] = byte_vocab.encode(doc)
-      stream[start + len(doc)] = byte_vocab.EOS_ID
-      start += len(doc) + 1
-    stream.flags.writeable = False  # shared by every caller through the cache
-    _STREAM_CACHE[key] = stream
-  return _STREAM_CACHE[key]
+  signature = _signature(data_config, split)
+  if signature not in _OPEN_SPLITS:
+    plan = _plan(data_config, split)
+    directory, meta = _open_entry(data_config, plan, show_progress)
+    cap = signature[-1]
+    opened = store_lib.SplitStore(directory, split, max_bytes=cap)
+    if opened.num_bytes == 0:
+      raise DataError(f"the {split!r} split of data source {plan.source!r} is empty (0 bytes); "
+                      + _empty_hint(plan, meta, split) + ".")
+    _OPEN_SPLITS[signature] = opened
+  return _OPEN_SPLITS[signature]
+
+
+def prepare(data_config: Any, splits: Sequence[str] = _TRAIN_VALID_TEST, *, show_progress: bool = True) -> None:
+  """Builds (or finds) the cache entries of `splits`, e.g. on one process before the others open them."""
+  if getattr(data_config, "source", "bundled") in SYNTHETIC_SOURCES:
+    return
+  for split in splits:
+    open_split(data_config, split, show_progress=show_progress)
+
+
+def load_documents(data_config: Any, split: str) -> list[bytes]:
+  """The documents (raw bytes) of one split, in order; reads them all into memory (small corpora, tests)."""
+  return list(open_split(data_config, split).documents())

@@ -76,6 +76,7 @@ import numpy as np
 from data import bytes as byte_vocab
 from data import corpora
 from data import span_corruption
+from data import store
 from data import synthetic
 
 Batch = dict[str, np.ndarray]
@@ -127,7 +128,7 @@ def _shuffle_seed(seed: int) -> int:
 class _TrainWindows:
   """Maps a [b] array of window indices to a train batch (picklable for grain)."""
 
-  def __init__(self, stream: np.ndarray, seq_len: int, segment_documents: bool):
+  def __init__(self, stream: store.SplitStore, seq_len: int, segment_documents: bool):
     self._stream = stream
     self._seq_len = seq_len
     self._segment_documents = segment_documents
@@ -135,7 +136,7 @@ class _TrainWindows:
   def __call__(self, window_ids: np.ndarray) -> Batch:
     window_ids = np.asarray(window_ids, np.int64)
     span = self._seq_len + 1
-    windows = self._stream[window_ids[:, None] * span + np.arange(span)]
+    windows = self._stream.windows(window_ids * span, span)
     valid = np.full(len(window_ids), self._seq_len)
     return _features(windows, valid, self._segment_documents, eval_weights=False)
 
@@ -186,10 +187,11 @@ def _span_config(data_config: Any, seq_len: int) -> tuple[span_corruption.SpanLe
   return span_corruption.lengths(seq_len, density, mean), density, mean
 
 
-def _raw_bytes(data_config: Any, split: str) -> np.ndarray:
-  """The split's byte ids without EOS separators: T5 joins documents without them (spec §17.1)."""
-  stream = corpora.load_stream(data_config, split)
-  return stream[stream != byte_vocab.EOS_ID]
+def _raw_chunk(stream: store.SplitStore, chunk: int, raw_length: int) -> np.ndarray:
+  """int32 byte ids of raw chunk `chunk`: the split's bytes without EOS separators, as T5 joins documents
+  (spec §17.1), cut into chunks of raw_length (the last one may be shorter)."""
+  values = stream.raw_bytes(chunk * raw_length, (chunk + 1) * raw_length)
+  return values.astype(np.int32) + byte_vocab.BYTE_OFFSET
 
 
 def _span_features(chunks: list[np.ndarray], seeds: list[list[int]], batch_size: int, seq_len: int,
@@ -235,7 +237,7 @@ class _TrainSpanRows:
   Row r of local batch k on process p is global example e = (k * P + p) * b + r of the train stream
   (process-major, as the windows), and its noise mask is drawn from np.random.default_rng([seed, e]).
   """
-  raw: np.ndarray  # the train split's byte ids, EOS separators dropped
+  stream: store.SplitStore  # the train split; chunks are cut from its bytes without EOS separators
   seq_len: int
   sizes: span_corruption.SpanLengths
   density: float
@@ -248,9 +250,9 @@ class _TrainSpanRows:
   def __call__(self, batch_index: int, chunk_ids: np.ndarray) -> Batch:
     first = (int(batch_index) * self.process_count + self.process_index) * self.local_batch
     raw_length = self.sizes.raw_length
-    chunks = self.raw[np.asarray(chunk_ids, np.int64)[:, None] * raw_length + np.arange(raw_length)]
+    chunks = [_raw_chunk(self.stream, int(c), raw_length) for c in chunk_ids]
     seeds = [_span_seed(self.seed, first + r) for r in range(len(chunks))]
-    return _span_features(list(chunks), seeds, len(chunks), self.seq_len, self.sizes, self.density,
+    return _span_features(chunks, seeds, len(chunks), self.seq_len, self.sizes, self.density,
                           self.mean, eval_weights=False)
 
 
@@ -258,12 +260,12 @@ def _span_eval_batches(data_config: Any, split: str, seq_len: int, batch_size: i
                        max_batches: int) -> Iterator[Batch]:
   """Span corruption eval batches of `split` (module docstring); chunk c's mask seed is [0, c]."""
   sizes, density, mean = _span_config(data_config, seq_len)
-  raw = _raw_bytes(data_config, split)
+  stream = corpora.open_split(data_config, split)
   n = sizes.raw_length
-  chunks = eval_window_indices(-(-len(raw) // n), batch_size, max_batches)
+  chunks = eval_window_indices(-(-stream.num_bytes // n), batch_size, max_batches)
   for k in range(-(-len(chunks) // batch_size)):
     rows = chunks[k * batch_size:(k + 1) * batch_size]
-    yield _span_features([raw[c * n:(c + 1) * n] for c in rows], [_span_seed(0, c) for c in rows],
+    yield _span_features([_raw_chunk(stream, c, n) for c in rows], [_span_seed(0, c) for c in rows],
                          batch_size, seq_len, sizes, density, mean, eval_weights=True)
 
 
@@ -304,13 +306,13 @@ def make_train_dataset(data_config: Any, *, seq_len: int, global_batch_size: int
   if batch_format == "span_corruption":
     _check_not_synthetic(source, batch_format)
     sizes, density, mean = _span_config(data_config, seq_len)
-    raw = _raw_bytes(data_config, "train")
-    num_chunks = len(raw) // sizes.raw_length
+    stream = corpora.open_split(data_config, "train")
+    num_chunks = stream.num_bytes // sizes.raw_length
     ds = _train_index_batches(
         data_config, num_chunks, global_batch_size, seed, process_index, process_count,
-        what=(f"the train split has {len(raw)} bytes (EOS separators dropped), only {num_chunks} chunks "
-              f"of {sizes.raw_length} raw bytes (span corruption of seq_len = {seq_len})"))
-    return ds.map_with_index(_TrainSpanRows(raw, seq_len, sizes, density, mean, seed, local_batch,
+        what=(f"the train split has {stream.num_bytes} bytes (EOS separators dropped), only {num_chunks} "
+              f"chunks of {sizes.raw_length} raw bytes (span corruption of seq_len = {seq_len})"))
+    return ds.map_with_index(_TrainSpanRows(stream, seq_len, sizes, density, mean, seed, local_batch,
                                             process_index, process_count)).to_iter_dataset(_READ_OPTIONS)
   if source == "mqar":
     mqar, pairs = _mqar_config(data_config)
@@ -318,7 +320,7 @@ def make_train_dataset(data_config: Any, *, seq_len: int, global_batch_size: int
     ds = grain.MapDataset.range(2**62).batch(local_batch, drop_remainder=True)  # endless in practice
     ds = ds[process_index::process_count]  # process-major, as the corpus windows
     return ds.map(_MqarRows(mqar, seq_len, seed)).to_iter_dataset(_READ_OPTIONS)
-  stream = corpora.load_stream(data_config, "train")
+  stream = corpora.open_split(data_config, "train")
   num_windows = len(stream) // (seq_len + 1)
   ds = _train_index_batches(
       data_config, num_windows, global_batch_size, seed, process_index, process_count,
@@ -357,27 +359,40 @@ def make_train_iterator(data_config: Any, *, seq_len: int, global_batch_size: in
 
 
 def _eval_plan(data_config: Any, split: str, seq_len: int, batch_size: int,
-               max_batches: int) -> tuple[np.ndarray, np.ndarray]:
-  """Returns (the eval stream ids [n], the scored window indices [k] in scoring order).
+               max_batches: int) -> tuple[store.SplitStore, np.ndarray]:
+  """Returns (the split's stream, the scored window indices [k] in scoring order).
 
-  The eval stream is EOS_ID then the split's load_stream; window i's targets are ids[i*L+1 : i*L+L+1].
+  The eval stream is EOS_ID then the split's stream; window i's targets are its ids [i*L+1, i*L+L+1),
+  which are the split stream's ids [i*L, i*L+L).
   """
   if seq_len < 1 or batch_size < 1:
     raise corpora.DataError(f"seq_len ({seq_len}) and the eval batch size ({batch_size}) "
                             "must be positive.")
-  stream = corpora.load_stream(data_config, split)
-  ids = np.empty(len(stream) + 1, np.int32)
-  ids[0] = byte_vocab.EOS_ID  # the first byte is predicted after an EOS context, like every other document's
-  ids[1:] = stream
-  return ids, eval_window_indices(-(-len(stream) // seq_len), batch_size, max_batches)
+  stream = corpora.open_split(data_config, split)
+  return stream, eval_window_indices(-(-len(stream) // seq_len), batch_size, max_batches)
+
+
+def _eval_windows(stream: store.SplitStore, starts: np.ndarray, span: int) -> np.ndarray:
+  """int32 [b, span]: row r is the eval stream's ids [starts[r], starts[r] + span), PAD past its end.
+
+  The eval stream is EOS_ID then the split's stream: the split's first byte is predicted after an EOS
+  context, like every other document's.
+  """
+  out = np.full((len(starts), span), byte_vocab.PAD_ID, np.int32)
+  for row, start in enumerate(int(s) for s in starts):
+    ids = stream.read(max(start - 1, 0), start - 1 + span)
+    if start == 0:
+      out[row, 0] = byte_vocab.EOS_ID
+    out[row, int(start == 0):int(start == 0) + len(ids)] = ids
+  return out
 
 
 def eval_num_windows(data_config: Any, split: str, *, seq_len: int, batch_format: str = "causal_lm") -> int:
   """How many eval windows (causal_lm) or raw chunks (span_corruption) the whole split has."""
   check_batch_format(batch_format)
   if batch_format == "span_corruption":
-    return -(-len(_raw_bytes(data_config, split)) // _span_config(data_config, seq_len)[0].raw_length)
-  return -(-len(corpora.load_stream(data_config, split)) // seq_len)
+    return -(-corpora.open_split(data_config, split).num_bytes // _span_config(data_config, seq_len)[0].raw_length)
+  return -(-len(corpora.open_split(data_config, split)) // seq_len)
 
 
 def eval_window_indices(num_windows: int, batch_size: int, max_batches: int = 0) -> np.ndarray:
@@ -419,21 +434,64 @@ def eval_batches(data_config: Any, split: str, *, seq_len: int, batch_size: int,
   if source == "mqar":
     yield from _mqar_eval_batches(data_config, split, seq_len, batch_size, max_batches)
     return
-  ids, windows = _eval_plan(data_config, split, seq_len, batch_size, max_batches)
+  stream, windows = _eval_plan(data_config, split, seq_len, batch_size, max_batches)
   segment_documents = bool(getattr(data_config, "segment_documents", True))
-  num_targets = len(ids) - 1
-  span = np.arange(seq_len + 1)
+  num_targets = len(stream)
   for k in range(-(-len(windows) // batch_size)):
     rows = windows[k * batch_size:(k + 1) * batch_size]
     starts = np.full(batch_size, num_targets, np.int64)  # rows past the last window: all padding
     starts[:len(rows)] = rows * seq_len
     valid = np.clip(num_targets - starts, 0, seq_len)
-    batch_windows = ids[np.minimum(starts[:, None] + span, num_targets)]
-    yield _features(batch_windows, valid, segment_documents, eval_weights=True)
+    yield _features(_eval_windows(stream, starts, seq_len + 1), valid, segment_documents, eval_weights=True)
+
+
+def _scored_units(data_config: Any, split: str, seq_len: int, batch_size: int, max_batches: int,
+                  batch_format: str) -> tuple[int, Any]:
+  """(number of scored units, unit(i) -> the uint8 bytes that unit i scores), in scoring order.
+
+  A unit is an eval window (causal_lm: its targets with the EOS separators dropped) or a raw chunk
+  (span_corruption: its noise bytes, the targets without sentinels and EOS).
+  """
+  if batch_format == "span_corruption":
+    sizes, density, mean = _span_config(data_config, seq_len)
+    stream = corpora.open_split(data_config, split)
+    chunks = eval_window_indices(-(-stream.num_bytes // sizes.raw_length), batch_size, max_batches)
+
+    def span_unit(i: int) -> np.ndarray:
+      c = int(chunks[i])
+      batch = _span_features([_raw_chunk(stream, c, sizes.raw_length)], [_span_seed(0, c)], 1, seq_len,
+                             sizes, density, mean, eval_weights=True)
+      return (batch["targets"][batch["weights"] > 0] - byte_vocab.BYTE_OFFSET).astype(np.uint8)
+    return len(chunks), span_unit
+  stream, windows = _eval_plan(data_config, split, seq_len, batch_size, max_batches)
+
+  def window_unit(i: int) -> np.ndarray:
+    ids = stream.read(int(windows[i]) * seq_len, int(windows[i]) * seq_len + seq_len)
+    return (ids[byte_vocab.is_byte_id(ids)] - byte_vocab.BYTE_OFFSET).astype(np.uint8)
+  return len(windows), window_unit
+
+
+def eval_scored_count(data_config: Any, split: str, *, seq_len: int, batch_size: int,
+                      max_batches: int = 0, batch_format: str = "causal_lm") -> int:
+  """len(eval_scored_bytes(...)) with the same arguments (no max_bytes), without reading the bytes."""
+  check_batch_format(batch_format)
+  if batch_format == "span_corruption":
+    sizes, density, mean = _span_config(data_config, seq_len)
+    stream = corpora.open_split(data_config, split)
+    n = sizes.raw_length
+    chunks = eval_window_indices(-(-stream.num_bytes // n), batch_size, max_batches)
+    lengths = np.minimum(stream.num_bytes - chunks * n, n)
+    full = span_corruption.span_counts(n, density, mean)[0]
+    return int(sum(full if length == n else span_corruption.span_counts(int(length), density, mean)[0]
+                   for length in lengths))
+  stream, windows = _eval_plan(data_config, split, seq_len, batch_size, max_batches)
+  if len(windows) == -(-len(stream) // seq_len):
+    return stream.num_bytes
+  return len(windows) * seq_len - stream.eos_count(windows * seq_len, seq_len)  # sampled windows are whole
 
 
 def eval_scored_bytes(data_config: Any, split: str, *, seq_len: int, batch_size: int,
-                      max_batches: int = 0, batch_format: str = "causal_lm") -> bytes:
+                      max_batches: int = 0, batch_format: str = "causal_lm", max_bytes: int = 0) -> bytes:
   """The bytes that eval_batches (same arguments) scores, in scoring order, concatenated.
 
   Exactly the weighted targets: the scored windows' targets in window order with the EOS
@@ -443,25 +501,34 @@ def eval_scored_bytes(data_config: Any, split: str, *, seq_len: int, batch_size:
   sampled windows' bytes back to back. For "span_corruption" it is the scored chunks' noise bytes
   (the targets without sentinels and EOS) in scoring order. Compressor baselines compress this one
   string (data/compressors.py). Raises DataError for synthetic sources, which have no text.
+
+  max_bytes > 0 bounds the result for compressors on huge splits: when the scored bytes are more, it
+  returns the bytes of evenly spread blocks of consecutive scored windows (or chunks), each block
+  about 1 MiB, at most max_bytes in all (at least one block).
   """
   check_batch_format(batch_format)
   source = getattr(data_config, "source", "bundled")
   if source in corpora.SYNTHETIC_SOURCES:
     raise corpora.DataError(f"data.source {source!r} is synthetic: its eval targets are not text, so "
                             "there are no scored bytes to compress.")
-  if batch_format == "span_corruption":
-    return b"".join(
-        (b["targets"][b["weights"] > 0] - byte_vocab.BYTE_OFFSET).astype(np.uint8).tobytes()
-        for b in eval_batches(data_config, split, seq_len=seq_len, batch_size=batch_size,
-                              max_batches=max_batches, batch_format=batch_format))
-  ids, windows = _eval_plan(data_config, split, seq_len, batch_size, max_batches)
-  num_windows = -(-(len(ids) - 1) // seq_len)
-  if len(windows) == num_windows:
-    targets = ids[1:]
-  else:  # sampled windows are never the last one, so all are whole
-    targets = ids[(windows[:, None] * seq_len + 1 + np.arange(seq_len)).reshape(-1)]
-  targets = targets[byte_vocab.is_byte_id(targets)]
-  return (targets - byte_vocab.BYTE_OFFSET).astype(np.uint8).tobytes()
+  window = dict(seq_len=seq_len, batch_size=batch_size, max_batches=max_batches, batch_format=batch_format)
+  total = eval_scored_count(data_config, split, **window)
+  if batch_format == "causal_lm" and max_batches <= 0 and (max_bytes <= 0 or total <= max_bytes):
+    stream = corpora.open_split(data_config, split)
+    return stream.raw_bytes(0, stream.num_bytes).tobytes()  # the whole split in one read
+  num_units, unit = _scored_units(data_config, split, **window)
+  units = np.arange(num_units)
+  if 0 < max_bytes < total:
+    per_block = max(1, -(-_SAMPLE_BLOCK_BYTES * num_units // max(total, 1)))  # units per ~1 MiB block
+    num_blocks = -(-num_units // per_block)
+    keep = max(1, max_bytes * num_blocks // total)
+    blocks = eval_window_indices(num_blocks, 1, keep)
+    units = (blocks[:, None] * per_block + np.arange(per_block)).reshape(-1)
+    units = units[units < num_units]
+  return b"".join(unit(int(i)).tobytes() for i in units)
+
+
+_SAMPLE_BLOCK_BYTES = 1 << 20  # eval_scored_bytes(max_bytes=...) samples blocks of about this many bytes
 
 
 def _mqar_eval_batches(data_config: Any, split: str, seq_len: int, batch_size: int,

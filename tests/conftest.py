@@ -1,8 +1,11 @@
 """Test-wide setup: CPU-only by default; gpu/tpu tests skip elsewhere; slow tests need --runslow."""
 
 import os
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", os.environ.get("JAX_PLATFORMS", ""))
+# Byte-store caches (data/corpora.py) of this test run go to a fresh directory, not ~/.cache.
+os.environ.setdefault("BYTELAB_DATA_CACHE", tempfile.mkdtemp(prefix="bytelab-test-data-cache-"))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

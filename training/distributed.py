@@ -15,12 +15,13 @@ import json
 import os
 import sys
 import threading
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from data import corpora
 from training.errors import ConfigError
 
 TIMEOUT_ENV, HEARTBEAT_ENV = "JAX_COORDINATOR_TIMEOUT", "JAX_HEARTBEAT_TIMEOUT"
@@ -101,3 +102,26 @@ def check_same_config(config_dict: dict[str, Any]) -> None:
     others = ", ".join(f"process {i}: {h}" for i, h in enumerate(hashes))
     raise ConfigError(f"the run config differs between processes ({others}); every process must run the "
                       "same command with the same overrides.")
+
+
+def prepare_data(data_config: Any, splits: Sequence[str]) -> None:
+  """Builds the byte-store cache of `splits` (data/corpora.py) on process 0 before the others open it.
+
+  With a cache directory that all hosts share, only process 0 scans the corpus; on host-local disks each
+  other host then builds its own copy. Afterwards every process reads only its own windows from the
+  memory map. A build error on process 0 is raised after the barrier, so the others fail the same way
+  (they open the same corpus) instead of waiting for it.
+  """
+  if jax.process_count() == 1:
+    corpora.prepare(data_config, splits)
+    return
+  error = None
+  if jax.process_index() == 0:
+    try:
+      corpora.prepare(data_config, splits)
+    except corpora.DataError as e:
+      error = e
+  multihost_utils.sync_global_devices("byte store built")
+  if error is not None:
+    raise error
+  corpora.prepare(data_config, splits, show_progress=False)

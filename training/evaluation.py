@@ -98,6 +98,7 @@ def evaluate(workdir: str, *, step: int | None = None, tasks: Sequence[str] = ("
     raise ConfigError(f"model.name={config.model.name!r} does not support the task(s) {unsupported}; "
                       f"it supports {', '.join(family.eval_tasks)}.")
 
+  distributed.prepare_data(config.data, (options.get("split") or config.eval.split,))
   results = {}
   is_main = jax.process_index() == 0
   with runtime.mesh_context(config) as mesh:

@@ -16,9 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
-from data import bytes as byte_vocab
 from data import corpora
 from data import pipeline
 from models import flops
@@ -78,7 +76,7 @@ def _split_bytes(data_config: Any) -> dict[str, int | None]:
   """Bytes per split for the start line (None for synthetic sources)."""
   synthetic = data_config.source in corpora.SYNTHETIC_SOURCES
   return {split: None if synthetic else
-          int(np.count_nonzero(byte_vocab.is_byte_id(corpora.load_stream(data_config, split))))
+          corpora.open_split(data_config, split).num_bytes
           for split in ("train", "valid", "test")}
 
 
@@ -86,7 +84,9 @@ def _scored(result: dict) -> str:
   """'N bytes: <sample>; on the same bytes gzip -9 G, xz -9e X' (no compressors for synthetic data)."""
   text = f"{result['bytes']:,} bytes: {result['sample']}"
   if "xz_bpb" in result:
-    text += f"; on the same bytes gzip -9 {result['gzip_bpb']:.4f}, xz -9e {result['xz_bpb']:.4f}"
+    on = (f"an even {result['compressor_bytes']:,}-byte sample of them" if "compressor_bytes" in result
+          else "the same bytes")
+    text += f"; on {on} gzip -9 {result['gzip_bpb']:.4f}, xz -9e {result['xz_bpb']:.4f}"
   return text
 
 
@@ -193,6 +193,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     abstract_state, shardings = ts.state_shardings(family, tx, config, mesh)
     batch_sharding = sharding.batch_sharding(mesh)
     sharding.check_batch_splits(mesh, {"train.batch_size": t.batch_size, "eval.batch_size": config.eval.batch_size})
+    distributed.prepare_data(config.data, ("train", "valid", "test"))
     data_iter = pipeline.make_train_iterator(
         config.data, seq_len=t.seq_len, global_batch_size=t.batch_size, seed=t.seed,
         process_index=jax.process_index(), process_count=jax.process_count(),

@@ -41,7 +41,7 @@ def test_single_file_splits_90_5_5(tmp_path):
   assert [len(docs[s]) for s in corpora.SPLITS] == [1, 1, 1, 1]
   assert [len(docs[s][0]) for s in ("train", "valid", "test", "all")] == [1800, 100, 100, 2000]
   assert docs["train"][0] + docs["valid"][0] + docs["test"][0] == f.read_bytes()
-  stream = corpora.load_stream(cfg, "valid")
+  stream = corpora.open_split(cfg, "valid").read()
   assert stream.dtype == np.int32 and stream.shape == (101,)
   assert stream[-1] == byte_vocab.EOS_ID
   np.testing.assert_array_equal(stream[:-1], byte_vocab.encode(docs["valid"][0]))
@@ -75,15 +75,16 @@ def test_max_corpus_bytes_caps_train_only(tmp_path):
   cfg = _cfg(source="single_file", paths=(str(f),), max_corpus_bytes=123)
   assert corpora.load_documents(cfg, "train") == [b"abcdefghij" * 12 + b"abc"]
   assert len(corpora.load_documents(cfg, "valid")[0]) == 50
-  assert corpora.load_stream(cfg, "train").shape == (124,)
+  assert corpora.open_split(cfg, "train").read().shape == (124,)
 
 
-def test_load_stream_is_cached_and_read_only(tmp_path):
+def test_open_split_is_memoised_and_read_only(tmp_path):
   root = _many_files(tmp_path / "c", n=30)
   cfg = _cfg(source="files", paths=(str(root),))
-  stream = corpora.load_stream(cfg, "all")
-  assert corpora.load_stream(cfg, "all") is stream
-  assert not stream.flags.writeable
+  opened = corpora.open_split(cfg, "all")
+  assert corpora.open_split(cfg, "all") is opened
+  assert not opened._bytes.flags.writeable
+  stream = opened.read()
   docs = corpora.load_documents(cfg, "all")
   assert len(stream) == sum(len(d) + 1 for d in docs)
   assert int((stream == byte_vocab.EOS_ID).sum()) == len(docs)
@@ -118,7 +119,7 @@ def test_empty_split_of_files_source(tmp_path):
   cfg = _cfg(source="files", paths=(str(_write(tmp_path / name, "hello")),))
   assert corpora.load_documents(cfg, "train") == [b"hello"]
   with pytest.raises(corpora.DataError, match=r"the 'valid' split of data source 'files' is empty"):
-    corpora.load_stream(cfg, "valid")
+    corpora.open_split(cfg, "valid")
 
 
 def test_bundled_corpus():

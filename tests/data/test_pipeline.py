@@ -31,6 +31,12 @@ def _random_text_cfg(tmp_path, num_bytes, **overrides):
   return _cfg(source="single_file", paths=(str(f),), **overrides)
 
 
+def _stream(cfg, split):
+  """The split's id stream as the in-memory reference builds it: each document's bytes, then EOS."""
+  return np.concatenate([np.append(byte_vocab.encode(d), byte_vocab.EOS_ID)
+                         for d in corpora.load_documents(cfg, split)]).astype(np.int32)
+
+
 def _take(it, n):
   return [next(it) for _ in range(n)]
 
@@ -97,7 +103,7 @@ def _scored_bytes_of(batches):
 def test_eval_windows_cover_every_target_once(tmp_path, seq_len, batch_size):
   docs = _random_docs(seq_len)
   cfg = _docs_cfg(tmp_path, docs)
-  stream = corpora.load_stream(cfg, "all")
+  stream = _stream(cfg, "all")
   ids = np.concatenate([[byte_vocab.EOS_ID], stream])  # the eval stream
   batches = list(pipeline.eval_batches(cfg, "all", seq_len=seq_len, batch_size=batch_size))
   assert all(b["inputs"].shape == (batch_size, seq_len) for b in batches)
@@ -140,7 +146,7 @@ def test_eval_spread_sample(tmp_path, seq_len, batch_size, max_batches):
   cfg = _docs_cfg(tmp_path, docs)
   kw = dict(seq_len=seq_len, batch_size=batch_size)
   whole = _rows(list(pipeline.eval_batches(cfg, "all", **kw)))
-  num_windows = -(-len(corpora.load_stream(cfg, "all")) // seq_len)
+  num_windows = -(-len(_stream(cfg, "all")) // seq_len)
   assert num_windows > 4 * max_batches * batch_size  # a real sample
   sample = list(pipeline.eval_batches(cfg, "all", max_batches=max_batches, **kw))
   assert len(sample) == max_batches
@@ -181,7 +187,7 @@ def test_eval_scored_bytes_rejects_synthetic_sources():
 
 def test_train_batches_shape_and_content(tmp_path):
   cfg = _random_text_cfg(tmp_path, 4000, shuffle=False)
-  stream = corpora.load_stream(cfg, "train")
+  stream = _stream(cfg, "train")
   it = pipeline.make_train_iterator(cfg, seq_len=15, global_batch_size=4, seed=0)
   b = next(it)
   assert {k: (v.shape, v.dtype) for k, v in b.items()} == {
@@ -204,7 +210,7 @@ def test_train_deterministic_and_seed_dependent(tmp_path):
 
 def test_train_reshuffles_every_epoch(tmp_path):
   cfg = _random_text_cfg(tmp_path, 600)  # train: 540 bytes + EOS -> 33 windows of 16
-  num_windows = len(corpora.load_stream(cfg, "train")) // 16
+  num_windows = len(_stream(cfg, "train")) // 16
   it = pipeline.make_train_iterator(cfg, seq_len=15, global_batch_size=3, seed=0)
   rows = [tuple(r) for b in _take(it, num_windows) for r in b["inputs"]]  # 3 epochs
   epochs = [rows[e * num_windows:(e + 1) * num_windows] for e in range(3)]

@@ -184,8 +184,7 @@ def _low_byte_docs(seed, n=30, max_len=90):
 
 
 def _raw(cfg, split):
-  stream = corpora.load_stream(cfg, split)
-  return stream[stream != byte_vocab.EOS_ID]
+  return byte_vocab.encode(b"".join(corpora.load_documents(cfg, split)))
 
 
 def _mask(chunk, seed, density=0.15, mean=20.0):

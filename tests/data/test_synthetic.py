@@ -157,4 +157,4 @@ def test_mqar_source_errors():
   with pytest.raises(corpora.DataError, match="data.mqar.num_pairs"):
     pipeline.make_train_iterator(_mqar_data_config(num_pairs=(0,)), seq_len=64, global_batch_size=2, seed=0)
   with pytest.raises(corpora.DataError, match="is synthetic"):
-    corpora.load_stream(_mqar_data_config(), "train")
+    corpora.open_split(_mqar_data_config(), "train")

@@ -1,5 +1,9 @@
 """Bits per byte on a split of any data source, beside gzip -9 and xz -9e on exactly the same bytes.
 
+Splits with more scored bytes than eval.compressor_max_bytes get the compressors on an even sample of
+~1 MiB blocks of them instead (data/pipeline.py eval_scored_bytes); the result's "compressor_bytes" says
+how many.
+
 The split is read in fixed, non-overlapping windows (data/pipeline.py eval_batches): all of it, or with
 eval.max_batches > 0 that many batches of windows spread evenly over it. Real bytes only (EOS and padding
 carry no weight); the first byte of the split is predicted after an EOS context.
@@ -36,10 +40,10 @@ def evaluate_bpb(eval_fn: Any, params: Any, config: Any, mesh: Any, *, batch_for
   max_batches = config.eval.max_batches if max_batches is None else max_batches
   window = dict(seq_len=config.train.seq_len, batch_size=config.eval.batch_size, max_batches=max_batches)
   synthetic = data_config.source in corpora.SYNTHETIC_SOURCES
-  scored = None if synthetic else pipeline.eval_scored_bytes(data_config, split, batch_format=batch_format,
-                                                              **window)
+  total = None if synthetic else pipeline.eval_scored_count(data_config, split, batch_format=batch_format,
+                                                             **window)
   desc = f"bpb {split}"
-  with metrics_lib.progress(total=None if scored is None else len(scored), unit="B", desc=desc,
+  with metrics_lib.progress(total=total, unit="B", desc=desc,
                             enabled=show_progress and jax.process_index() == 0) as bar:
     sums = None
     for batch in pipeline.eval_batches(data_config, split, batch_format=batch_format, **window):
@@ -52,8 +56,13 @@ def evaluate_bpb(eval_fn: Any, params: Any, config: Any, mesh: Any, *, batch_for
             "bytes": int(count)}
   if summarize is not None:  # the family's derived metrics (e.g. MrT5's deletion rate)
     result.update({k: float(v) for k, v in summarize(sums).items()})
-  if scored is not None:
+  if not synthetic:
+    # Bounded (eval.compressor_max_bytes): xz -9e runs at about 1 MB/s, and a multi-GB split stays on disk.
+    scored = pipeline.eval_scored_bytes(data_config, split, batch_format=batch_format,
+                                        max_bytes=int(config.eval.get("compressor_max_bytes", 0)), **window)
     result.update({f"{name}_bpb": v for name, v in compressors.compressed_bits_per_byte(scored).items()})
+    if len(scored) < total:
+      result["compressor_bytes"] = len(scored)
   result["sample"] = _sample_text(data_config, split, batch_format=batch_format, **window)
   return result
 
