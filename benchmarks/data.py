@@ -8,8 +8,8 @@ text as 64 shards of JSON lines), then measures in fresh processes, so each peak
   build    data/corpora.py building the cache entry of all three splits (a cold cache directory)
   iterate  the train iterator (data/pipeline.py) for --seconds at --batch x --seq_len on the built cache
 At the smallest size it also reads the same windows from the corpus stored as grain ArrayRecord chunks of
-64 KiB (the alternative layout: a window crossing a chunk reads two records), to show why the store is a
-memory map. Peak RSS is ru_maxrss of the process, Python and numpy included.
+64 KiB (the alternative layout: a window crossing a chunk reads two records), to show why the store is one
+flat byte file. Peak RSS is the process's VmHWM, Python and numpy included.
 """
 
 import argparse
@@ -35,10 +35,11 @@ def parse_size(text: str) -> int:
 
 
 def _text_block(rng: np.random.Generator, size: int) -> bytes:
-  """size bytes of lowercase words (lengths 1..9) separated by spaces, a newline every ~80 bytes."""
-  out = rng.integers(ord("a"), ord("z") + 1, size, dtype=np.uint8)
-  out[rng.random(size) < 0.18] = ord(" ")
-  out[rng.random(size) < 0.0125] = ord("\n")
+  """size bytes of lowercase letters with ~18% spaces and ~1.2% newlines (one byte of memory per byte)."""
+  draw = rng.integers(0, 256, size, dtype=np.uint8)
+  out = ord("a") + draw % 26
+  out[draw < 46] = ord(" ")
+  out[(draw >= 46) & (draw < 49)] = ord("\n")
   return out.tobytes()
 
 
@@ -77,8 +78,13 @@ def _data_config(source: str, path: str, cache_dir: str):
   return cfg
 
 
-def _peak_rss_mb() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
+def peak_rss_mb() -> float:
+  """This process's peak RSS (VmHWM). Not ru_maxrss: Linux carries that over from the parent across exec."""
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmHWM:"):
+        return int(line.split()[1]) / 1024
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _child(args: argparse.Namespace) -> dict:
@@ -89,19 +95,19 @@ def _child(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     corpora.prepare(cfg, show_progress=False)
     seconds = time.perf_counter() - started
-    return {"build_s": seconds, "build_rss_mb": _peak_rss_mb()}
+    return {"build_s": seconds, "build_rss_mb": peak_rss_mb()}
   if args.child == "iterate":
     it = pipeline.make_train_iterator(cfg, seq_len=args.seq_len, global_batch_size=args.batch, seed=0)
     next(it)
     started, count = time.perf_counter(), 0
     while time.perf_counter() - started < args.seconds:
       count += next(it)["inputs"].size
-    return {"iterate_bytes_per_s": count / (time.perf_counter() - started), "iterate_rss_mb": _peak_rss_mb()}
+    return {"iterate_bytes_per_s": count / (time.perf_counter() - started), "iterate_rss_mb": peak_rss_mb()}
   return _array_record_windows(args)
 
 
 def _array_record_windows(args: argparse.Namespace) -> dict:
-  """Random train windows read from the store's memory map and from 64 KiB ArrayRecord chunks."""
+  """Random train windows read from the byte store (pread) and from 64 KiB ArrayRecord chunks."""
   from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
   from data import corpora  # pylint: disable=import-outside-toplevel
   train = corpora.open_split(_data_config(args.source, args.path, args.cache_dir), "train")
@@ -115,11 +121,11 @@ def _array_record_windows(args: argparse.Namespace) -> dict:
   span = args.seq_len + 1
   rng = np.random.default_rng(0)
   out = {}
-  for layout in ("memmap", "array_record"):
+  for layout in ("store", "array_record"):
     started, count = time.perf_counter(), 0
     while time.perf_counter() - started < args.seconds / 2:
       starts = rng.integers(0, train.num_ids - span, args.batch)
-      if layout == "memmap":
+      if layout == "store":
         rows = train.windows(starts, span)
       else:
         rows = np.empty((args.batch, span), np.int32)
@@ -149,7 +155,7 @@ def _table(rows: list[dict]) -> str:
   lines = ["| corpus | source | cache build | build MB/s | build peak RSS | iterator bytes/s | iterator peak RSS |",
            "|---:|---|---:|---:|---:|---:|---:|"]
   for r in rows:
-    lines.append(f"| {r['bytes'] / 1e6:,.0f} MB | {r['source']} | {r["build_s"]:.2f} s | "
+    lines.append(f"| {r['bytes'] / 1e6:,.0f} MB | {r['source']} | {r['build_s']:.2f} s | "
                  f"{r['bytes'] / 1e6 / r['build_s']:,.0f} | {r['build_rss_mb']:,.0f} MB | "
                  f"{r['iterate_bytes_per_s'] / 1e6:,.1f} M | {r['iterate_rss_mb']:,.0f} MB |")
   return "\n".join(lines)
@@ -195,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
   text = _table(rows)
   if extra:
     text += (f"\n\nRandom {args.batch} x {args.seq_len + 1} train windows at {rows[0]['bytes'] / 1e6:,.0f} MB: "
-             f"memory map {extra['memmap_window_bytes_per_s'] / 1e6:,.1f} M bytes/s, ArrayRecord (64 KiB "
+             f"byte store {extra['store_window_bytes_per_s'] / 1e6:,.1f} M bytes/s, ArrayRecord (64 KiB "
              f"chunks, uint16 ids) {extra['array_record_window_bytes_per_s'] / 1e6:,.1f} M bytes/s.")
   print(text)
   if args.out:

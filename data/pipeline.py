@@ -67,6 +67,7 @@ first ``data.mqar.eval_examples`` examples of stream s (seed 0). Weights mark on
 the query-value targets, so "bits per byte" is then bits per answer.
 """
 
+import ctypes
 import dataclasses
 from typing import Any, Iterator
 
@@ -83,6 +84,23 @@ Batch = dict[str, np.ndarray]
 
 # Batches are cheap numpy gathers; a few threads and a short buffer keep memory small.
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+
+
+def _keep_batch_temporaries_on_the_heap() -> None:
+  """Sets glibc's malloc mmap threshold to 32 MiB and its trim threshold to 64 MiB (a no-op elsewhere).
+
+  A 64 x 1024 batch makes ~0.25 MB numpy temporaries. Under glibc's initial 128 KiB thresholds each one
+  is a fresh mmap (or heap top returned to the kernel), page-faulted again on the next batch: 1.6 ms per
+  batch instead of 0.65 ms, measured here. glibc raises both by itself after the first large free, as a
+  process that loaded a whole corpus into memory always did; one that reads the byte store may never.
+  """
+  try:
+    libc = ctypes.CDLL(None)
+    libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+    libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
+  except (OSError, AttributeError):
+    pass
 
 
 def _segments(inputs: np.ndarray, segment_documents: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -292,6 +310,7 @@ def make_train_dataset(data_config: Any, *, seq_len: int, global_batch_size: int
   (module docstring). Synthetic sources have no span corruption batches (DataError).
   """
   check_batch_format(batch_format)
+  _keep_batch_temporaries_on_the_heap()
   if seq_len < 1 or global_batch_size < 1:
     raise corpora.DataError(f"seq_len ({seq_len}) and the global batch size "
                             f"({global_batch_size}) must be positive.")
