@@ -195,8 +195,12 @@ class StoreWriter:
   def counts(self) -> dict[str, dict[str, int]]:
     return {s: {"ids": self._length[s], "documents": len(self._eos[s])} for s in self.splits}
 
-  def commit(self, meta: dict[str, Any]) -> None:
-    """Writes meta.json and renames the entry into place (replacing a stale one)."""
+  def commit(self, meta: dict[str, Any], keep_existing: Callable[[], bool] = lambda: False) -> None:
+    """Writes meta.json and renames the entry into place.
+
+    An entry already at the destination is replaced, unless keep_existing() says it is good (a
+    concurrent build finished first): then this build is discarded.
+    """
     for split, f in self._files.items():
       f.close()
       np.save(os.path.join(self._tmp, split_file(split, "eos.npy")),
@@ -206,6 +210,9 @@ class StoreWriter:
       json.dump(meta, f, indent=1, sort_keys=True)
     stale = None
     if os.path.exists(self.directory):
+      if keep_existing():
+        shutil.rmtree(self._tmp, ignore_errors=True)
+        return
       stale = f"{self.directory}.stale-{os.getpid()}-{uuid.uuid4().hex[:8]}"
       os.replace(self.directory, stale)
     try:
@@ -263,7 +270,7 @@ def open_entry(directory: str, key: dict[str, Any], splits: tuple[str, ...],
   writer = StoreWriter(directory, splits)
   try:
     extra = build(writer)
-    writer.commit({"key": key, **extra})
+    writer.commit({"key": key, **extra}, keep_existing=lambda: _stale_reason(directory, key, splits) is None)
   except BaseException:
     writer.abort()
     raise

@@ -1,4 +1,5 @@
-"""Memory stays flat in the corpus size: a 2 GB corpus trains configs/tiny.py under a fixed RSS bound.
+"""Memory stays flat in the corpus size: a 2 GB corpus trains configs/tiny.py, and evaluate.py --text_file
+reads it, under a fixed RSS bound.
 
 Before the byte store every split was an in-memory int32 stream (4 bytes of RAM per byte of text): this
 corpus would have needed more than 8 GB. The run happens in a subprocess (train.py, a cold cache
@@ -32,18 +33,30 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 @pytest.mark.slow
-def test_two_gigabytes_build_and_train_under_a_fixed_rss_bound(tmp_path):
-  corpus = data_bench.write_text_corpus(str(tmp_path / "corpus.txt"), CORPUS_BYTES)
-  cmd = [sys.executable, "-c", _WRAPPER, "train.py", "--config=configs/tiny.py", f"--workdir={tmp_path / 'run'}",
-         "--config.data.source=single_file", f"--config.data.paths={corpus}", "--config.data.max_corpus_bytes=0",
-         f"--config.data.cache_dir={tmp_path / 'cache'}", "--config.train.steps=20"]
+def _run_measured(*args: str) -> tuple[str, str, float]:
+  """(stdout, stderr, peak RSS MB) of `python <args>` in the repository, which must succeed."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
-  stdout, stderr = proc.stdout, proc.stderr
-  assert proc.returncode == 0, stderr[-3000:]
+  proc = subprocess.run([sys.executable, "-c", _WRAPPER, *args], cwd=REPO_ROOT, env=env, capture_output=True,
+                        text=True, timeout=900, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout, proc.stderr, float(re.search(r"peak-rss-mb (\d+)", proc.stderr).group(1))
+
+
+@pytest.mark.slow
+def test_two_gigabytes_build_train_and_evaluate_under_a_fixed_rss_bound(tmp_path):
+  corpus = data_bench.write_text_corpus(str(tmp_path / "corpus.txt"), CORPUS_BYTES)
+  workdir, cache = f"--workdir={tmp_path / 'run'}", f"--config.data.cache_dir={tmp_path / 'cache'}"
+  stdout, stderr, peak_mb = _run_measured(
+      "train.py", "--config=configs/tiny.py", workdir, "--config.data.source=single_file",
+      f"--config.data.paths={corpus}", "--config.data.max_corpus_bytes=0", cache, "--config.train.steps=20")
   assert "built the byte cache" in stderr  # a cold cache: this run built it
   assert "train 1,800,000,000 bytes" in stderr
   assert "final valid bits-per-byte" in stdout
-  peak_mb = float(re.search(r"peak-rss-mb (\d+)", stderr).group(1))
-  print(f"peak RSS {peak_mb:.0f} MB for a {CORPUS_BYTES / 1e9:.0f} GB corpus")
+  print(f"train.py: peak RSS {peak_mb:.0f} MB for a {CORPUS_BYTES / 1e9:.0f} GB corpus")
+  assert peak_mb < RSS_BOUND_MB, f"peak RSS {peak_mb:.0f} MB"
+  # evaluate.py --text_file builds the file's own entry (split "all") and streams windows from it.
+  stdout, stderr, peak_mb = _run_measured("evaluate.py", workdir, f"--text_file={corpus}", "--eval.max_batches=4",
+                                          f"--data.cache_dir={tmp_path / 'cache'}")
+  assert "all 2,000,000,000 bytes" in stderr and "even sample of 16 of the split's" in stdout, stdout
+  print(f"evaluate.py --text_file: peak RSS {peak_mb:.0f} MB")
   assert peak_mb < RSS_BOUND_MB, f"peak RSS {peak_mb:.0f} MB"
