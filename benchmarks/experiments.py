@@ -48,20 +48,28 @@ class Experiment:
   seeds: tuple[int, ...] = (0,)
 
 
+_HIERARCHICAL_RUNS = (
+    Run("hourglass", "configs/hourglass.py"),
+    Run("dynamic_pooling", "configs/dynamic_pooling.py"),
+    Run("dynamic_pooling_learned", "configs/dynamic_pooling.py", ("model.hierarchical.boundaries=learned",)),
+    Run("dynamic_pooling_entropy", "configs/dynamic_pooling.py", ("model.hierarchical.boundaries=entropy",)),
+    *(Run(n, f"configs/{n}.py") for n in ("megabyte", "spacebyte", "hat", "lyt", "byte2word", "toucan")))
+# 600 steps of 16 x 256 bytes: 2.46M training bytes, about 4-8 minutes a run on 2 cores.
+_BYTES_BUDGET = ("train.steps=600", "train.eval_every=0", "checkpoint.every=600")
+
 EXPERIMENTS = {
     "hierarchical": Experiment(
         description="Every hierarchical config and the flat byte Transformer at one training budget "
                     "(the same bytes seen) on the bundled corpus (issue: hierarchical byte LMs, item 7).",
-        runs=(Run("flat", "configs/base.py"),
-              Run("hourglass", "configs/hourglass.py"),
-              Run("dynamic_pooling", "configs/dynamic_pooling.py"),
-              Run("dynamic_pooling_learned", "configs/dynamic_pooling.py",
-                  ("model.hierarchical.boundaries=learned",)),
-              Run("dynamic_pooling_entropy", "configs/dynamic_pooling.py",
-                  ("model.hierarchical.boundaries=entropy",)),
-              *(Run(n, f"configs/{n}.py") for n in ("megabyte", "spacebyte", "hat", "lyt", "byte2word",
-                                                    "toucan"))),
-        budget=("train.steps=600", "train.eval_every=0", "checkpoint.every=600")),
+        runs=(Run("flat", "configs/base.py"), *_HIERARCHICAL_RUNS),
+        budget=_BYTES_BUDGET),
+    "lm-variants": Experiment(
+        description="Every token mixer in the flat byte LM (configs/base.py with the mixer's config) and every "
+                    "hierarchical config at one training budget (the same bytes seen) on the bundled corpus.",
+        runs=(Run("softmax", "configs/base.py"),
+              *(Run(n, f"configs/{n}.py") for n in ("gla", "landmark", "cog", "ssa", "selective")),
+              *_HIERARCHICAL_RUNS),
+        budget=_BYTES_BUDGET, seeds=(0, 1)),
 }
 
 

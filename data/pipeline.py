@@ -16,11 +16,13 @@ b = global_batch_size // process_count rows. Sharding is contiguous and
 process-major: global batch k is the elements [k*G, (k+1)*G) of the shuffled
 stream and process p holds rows [k*G + p*b, k*G + (p+1)*b), so concatenating the
 local batches k of processes 0..P-1 gives exactly a 1-process run's batch k.
+Each process reads only its own rows' windows, by offset from the split's byte
+store (data/store.py), so no host scans the corpus after the cache is built.
 The iterator's state (get_state/set_state, or grain.checkpoint) is one index, so a
 restored iterator continues with exactly the batches the original would produce.
 
 Evaluation (eval_batches, eval_scored_bytes): the eval stream of a split is EOS_ID followed by
-corpora.load_stream(split) (each document's bytes then EOS), so the split's very first byte is
+the split's id stream (corpora.open_split: each document's bytes then EOS), so the split's very first byte is
 predicted too, after an EOS context as every later document is. Window i has inputs
 ids[i*L : i*L+L] and targets ids[i*L+1 : i*L+L+1] of that eval stream: the windows tile it without
 overlap, every stream id is a target exactly once, and the weights mark the real byte targets
@@ -38,7 +40,7 @@ Span corruption (batch_format "span_corruption", T5 / ByT5 encoder-decoders; dat
 ../shared/specs/token_free.md §2.4; options ``data.span_corruption.noise_density`` (0.15) and
 ``.mean_noise_span_length`` (20)). seq_len is the encoder input length L; span_corruption.lengths(L)
 gives the raw chunk length R and the target length T (L = 1024: R = 1193, T = 189). A split's raw
-bytes are its load_stream ids with the EOS separators dropped (T5 joins documents without them, spec
+bytes are its id stream with the EOS separators dropped (T5 joins documents without them, spec
 §17.1), cut into non-overlapping chunks of R ids. Every batch is a dict of arrays:
   inputs: int32 [b, L], the encoder ids: non-noise bytes, one sentinel 258 - i per noise span i, EOS,
     then PAD up to L (a whole chunk fills all of L, or all but one id; a short eval chunk less).
@@ -430,7 +432,7 @@ def eval_batches(data_config: Any, split: str, *, seq_len: int, batch_size: int,
                  max_batches: int = 0, batch_format: str = "causal_lm") -> Iterator[Batch]:
   """Yields fixed eval batches of [batch_size, seq_len] arrays over one split.
 
-  The eval stream is EOS_ID then corpora.load_stream(split); window i has inputs
+  The eval stream is EOS_ID then the split's id stream (corpora.open_split); window i has inputs
   ids[i*L : i*L+L] and targets ids[i*L+1 : i*L+L+1], so every byte of the split (its first
   one included) is a weighted target exactly once when the whole split is read. The last
   window is padded, and the last batch gets all-pad rows (weights 0). max_batches > 0 reads
