@@ -5,6 +5,8 @@ sequence; skips the runs already finished; writes one results table (JSON, CSV, 
     python -m benchmarks.experiments hierarchical --seeds=0,1 --out=experiments
     python -m benchmarks.experiments hierarchical --list              # the runs and their commands only
     python -m benchmarks.experiments hierarchical --steps=40          # a quick smoke budget
+    python -m benchmarks.experiments lm-variants                      # every mixer + hierarchical, 2 seeds
+    python -m benchmarks.experiments mqar-recall                      # MQAR accuracy vs pairs per mixer
 
 Each run is `python train.py --config=<file> --workdir=<out>/<experiment>/runs/<run>_s<seed>
 --config.train.seed=<seed> <budget> <run overrides>` in a fresh process, its output in `train.log` beside
@@ -16,6 +18,10 @@ config.json's "compute", the parameter count from the start-up line, and the wal
 (from runner.json, written when a run finishes in one go). With several seeds the table gives the mean and
 the spread (min - max) per config. Plots (matplotlib, `pip install -e '.[plots]'`): valid bpb against
 training FLOPs (FLOPs per byte x bytes seen) and against wall time.
+
+An experiment with a `task` (mqar-recall) also runs `evaluate.py --tasks=<task>` on each finished run
+(output in eval.log; skipped when its eval/<task>_step<N>.json exists) and tabulates and plots that task's
+accuracy per x (e.g. the number of MQAR pairs) instead, mean and min - max over the seeds.
 """
 
 import argparse
@@ -42,11 +48,21 @@ class Run:
 
 @dataclasses.dataclass(frozen=True)
 class Experiment:
+  """Runs trained at one budget. With a `task`, each trained run is also scored by `evaluate.py --tasks=<task>`
+  and the table holds that task's accuracy per `x` (a key of its result rows) instead of bpb alone."""
   description: str
   runs: tuple[Run, ...]
   budget: tuple[str, ...]  # "key=value" applied to every run
   seeds: tuple[int, ...] = (0,)
+  task: str = ""  # e.g. "mqar" or "passkey"
+  task_args: tuple[str, ...] = ()  # evaluate.py flags, e.g. "--passkey.lengths=1,2,4"
+  x: str = ""  # the result rows' key on the x axis, e.g. "num_pairs"
 
+
+# One Run per mixer on configs/mqar.py's 2-layer d_model 64 model: the same size and training for all (Cog
+# in both layers: configs/cog.py's softmax first and last layer would leave no Cog layer here).
+_MIXERS = ("softmax", "gla", "landmark", "cog", "ssa", "selective")
+_MQAR_RUNS = tuple(Run(m, f"configs/mqar.py:{m}") for m in _MIXERS)
 
 _HIERARCHICAL_RUNS = (
     Run("hourglass", "configs/hourglass.py"),
@@ -66,10 +82,14 @@ EXPERIMENTS = {
     "lm-variants": Experiment(
         description="Every token mixer in the flat byte LM (configs/base.py with the mixer's config) and every "
                     "hierarchical config at one training budget (the same bytes seen) on the bundled corpus.",
-        runs=(Run("softmax", "configs/base.py"),
-              *(Run(n, f"configs/{n}.py") for n in ("gla", "landmark", "cog", "ssa", "selective")),
+        runs=(Run("softmax", "configs/base.py"), *(Run(n, f"configs/{n}.py") for n in _MIXERS[1:]),
               *_HIERARCHICAL_RUNS),
         budget=_BYTES_BUDGET, seeds=(0, 1)),
+    "mqar-recall": Experiment(
+        description="MQAR recall accuracy against the number of key-value pairs for every mixer at the same "
+                    "model size (configs/mqar.py: trained on 1-4 pairs; 8 or more pairs are never seen).",
+        runs=_MQAR_RUNS, budget=("train.steps=1000", "checkpoint.every=1000"), seeds=(0, 1),
+        task="mqar", x="num_pairs"),
 }
 
 
@@ -130,7 +150,28 @@ def train_once(run: Run, seed: int, workdir: str, budget: list[str]) -> float:
   return wall
 
 
-def collect(run: Run, seed: int, workdir: str, steps: int) -> dict[str, Any]:
+def task_result(workdir: str, task: str, steps: int) -> dict[str, Any] | None:
+  """The latest evaluate.py result of `task` on the step-`steps` checkpoint, or None."""
+  path = os.path.join(workdir, "eval", f"{task}_step{steps}.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    entries = json.load(f).get("entries") or {}
+  return list(entries.values())[-1] if entries else None
+
+
+def evaluate_once(experiment: Experiment, workdir: str) -> None:
+  """Runs evaluate.py --tasks=<task> on the run's latest checkpoint (output to workdir/eval.log)."""
+  cmd = [sys.executable, os.path.join(REPO_ROOT, "evaluate.py"), f"--workdir={workdir}",
+         f"--tasks={experiment.task}", *experiment.task_args]
+  with open(os.path.join(workdir, "eval.log"), "a") as log:
+    proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+  if proc.returncode != 0:
+    raise RuntimeError(f"evaluate.py --tasks={experiment.task} failed on {workdir} (exit {proc.returncode}); "
+                       f"see {os.path.join(workdir, 'eval.log')}.")
+
+
+def collect(run: Run, seed: int, workdir: str, steps: int, experiment: Experiment | None = None) -> dict[str, Any]:
   """One row of the results table, read back from the run directory."""
   result = final_eval(workdir, steps)
   with open(os.path.join(workdir, "config.json")) as f:
@@ -154,6 +195,9 @@ def collect(run: Run, seed: int, workdir: str, steps: int) -> dict[str, Any]:
   if os.path.exists(runner):
     with open(runner) as f:
       row["wall_s"] = json.load(f).get("wall_s")
+  if experiment is not None and experiment.task:
+    rows = task_result(workdir, experiment.task, steps)["rows"]
+    row["accuracy"] = {str(r[experiment.x]): r["accuracy"] for r in rows}
   return row
 
 
@@ -174,6 +218,8 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "bytes_per_patch": first.get("bytes_per_patch"), "params": first.get("params"),
                 "train_flops_per_byte": first["train_flops_per_byte"], "train_flops": first["train_flops"],
                 "wall_s": statistics.fmean(walls) if walls else None, "bytes_seen": first["bytes_seen"]})
+    if "accuracy" in first:  # a task experiment: mean, min and max over the seeds at each x
+      out[-1]["accuracy"] = {x: _mean_spread([r["accuracy"][x] for r in group]) for x in first["accuracy"]}
   return out
 
 
@@ -181,7 +227,24 @@ def _fmt(value: Any, spec: str) -> str:
   return "-" if value is None else format(value, spec)
 
 
+def _task_markdown(experiment: str, summary: list[dict[str, Any]]) -> str:
+  spec = EXPERIMENTS[experiment]
+  xs = list(summary[0]["accuracy"])
+  lines = [f"# {experiment}: {spec.description}", "",
+           f"{spec.task} accuracy (mean over seeds, min - max) at each {spec.x}:", "",
+           "| run | seeds | " + " | ".join(f"{spec.x} {x}" for x in xs) + " | final valid bpb | params | wall |",
+           "| --- | --- | " + " | ".join("---" for _ in xs) + " | --- | --- | --- |"]
+  for s in summary:
+    cells = [f"{m:.3f}" + (f" ({lo:.2f} - {hi:.2f})" if s["seeds"] > 1 else "")
+             for m, lo, hi in (s["accuracy"][x] for x in xs)]
+    lines.append(f"| {s['run']} | {s['seeds']} | " + " | ".join(cells) + f" | {s['valid_bpb']:.4f} | "
+                 f"{_fmt(s['params'] and s['params'] / 1e6, '.3f')}M | {_fmt(s['wall_s'], '.0f')} s |")
+  return "\n".join(lines) + "\n"
+
+
 def markdown(experiment: str, summary: list[dict[str, Any]]) -> str:
+  if EXPERIMENTS[experiment].task:
+    return _task_markdown(experiment, summary)
   lines = [f"# {experiment}: {EXPERIMENTS[experiment].description}", "",
            "| run | seeds | valid bpb (min - max) | gzip -9 / xz -9e | bytes/patch | params | train FLOPs/byte "
            "| wall |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -195,13 +258,43 @@ def markdown(experiment: str, summary: list[dict[str, Any]]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _pyplot() -> Any:
+  try:
+    import matplotlib  # pylint: disable=import-outside-toplevel
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return None
+  return plt
+
+
+def plot_task(experiment: Experiment, summary: list[dict[str, Any]], path: str) -> bool:
+  """Task accuracy against x, one line per run with the seeds' min - max as error bars."""
+  plt = _pyplot()
+  if plt is None:
+    return False
+  fig, ax = plt.subplots(figsize=(6.5, 4.2))
+  for s in summary:
+    xs = [float(x) for x in s["accuracy"]]
+    mean, lo, hi = (list(v) for v in zip(*s["accuracy"].values()))
+    ax.errorbar(xs, mean, yerr=[[m - l for m, l in zip(mean, lo)], [h - m for m, h in zip(mean, hi)]],
+                marker="o", capsize=3, label=s["run"])
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel(experiment.x)
+  ax.set_ylabel(f"{experiment.task} accuracy")
+  ax.set_ylim(-0.02, 1.02)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return True
+
+
 def plot(summary: list[dict[str, Any]], path: str) -> bool:
   """bpb against training FLOPs and against wall time, one point per run; False without matplotlib."""
-  try:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-  except ImportError:
+  plt = _pyplot()
+  if plt is None:
     return False
   fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
   for ax, key, label in ((axes[0], "train_flops", "training FLOPs"), (axes[1], "wall_s", "wall time (s)")):
@@ -248,22 +341,30 @@ def main(argv: list[str] | None = None) -> int:
           json.dump({"wall_s": wall, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
     else:
       print(f"[{i}/{len(plan)}] {run.name} seed {seed}: finished, skipped", flush=True)
-    rows.append(collect(run, seed, workdir, steps))
-    print(f"    valid bpb {rows[-1]['valid_bpb']:.4f}", flush=True)
+    if experiment.task and task_result(workdir, experiment.task, steps) is None:
+      print(f"    evaluate.py --tasks={experiment.task}", flush=True)
+      evaluate_once(experiment, workdir)
+    rows.append(collect(run, seed, workdir, steps, experiment))
+    print(f"    valid bpb {rows[-1]['valid_bpb']:.4f}" + (
+        f", {experiment.task} accuracy {rows[-1]['accuracy']}" if experiment.task else ""), flush=True)
   summary = summarize(rows)
   with open(os.path.join(root, "results.json"), "w") as f:
     json.dump({"experiment": args.experiment, "budget": budget, "rows": rows, "summary": summary}, f, indent=2)
   with open(os.path.join(root, "results.csv"), "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
+    flat = [{**{k: v for k, v in r.items() if k != "accuracy"},
+             **{f"accuracy_{experiment.x}_{x}": a for x, a in r.get("accuracy", {}).items()}} for r in rows]
+    writer = csv.DictWriter(f, fieldnames=sorted({k for r in flat for k in r}))
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows(flat)
   table = markdown(args.experiment, summary)
   with open(os.path.join(root, "results.md"), "w") as f:
     f.write(table)
-  plotted = plot(summary, os.path.join(root, "bpb.png"))
+  figure = f"{experiment.task}.png" if experiment.task else "bpb.png"
+  plotted = (plot_task(experiment, summary, os.path.join(root, figure)) if experiment.task
+             else plot(summary, os.path.join(root, figure)))
   print(table)
-  print(f"wrote {root}/results.{{json,csv,md}}" + (" and bpb.png" if plotted else " (no plot: matplotlib "
-                                                                                  "missing)"))
+  print(f"wrote {root}/results.{{json,csv,md}}" + (f" and {figure}" if plotted else " (no plot: matplotlib "
+                                                                                    "missing)"))
   return 0
 
 

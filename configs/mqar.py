@@ -3,6 +3,7 @@
     python train.py --config=configs/mqar.py --workdir=runs/mqar_softmax
     python train.py --config=configs/mqar.py --workdir=runs/mqar_gla --config.model.mixer=gla
     python evaluate.py --workdir=runs/mqar_gla --tasks=mqar
+    python train.py --config=configs/mqar.py:landmark --workdir=runs/mqar_landmark   # any mixer, with its options
 
 Data (data/synthetic.py): each 32-byte sequence holds P key-value pairs (P drawn from data.mqar.num_pairs
 = 1, 2, 4) followed by every key again in random order with its value; the loss counts only the queries'
@@ -20,11 +21,22 @@ accuracy at 4 / 8 / 16 / 32 pairs after the 1000 steps: softmax 0.99 / 0.86 / 0.
 
 import ml_collections
 
+import models
 from configs import base
 
+# Landmark blocks of 8 bytes + 1 landmark: its default of 50 + 1 is longer than the 32-byte sequences.
+_LANDMARK_BLOCK_SIZE = 9
 
-def get_config() -> ml_collections.ConfigDict:
+
+def get_config(mixer: str = "softmax") -> ml_collections.ConfigDict:
+  """The MQAR model with every layer's mixer = `mixer` (its options at their defaults)."""
   config = base.get_config()
+  config.model.mixer = mixer
+  if mixer not in ("softmax", "cog"):  # the mixers with options
+    config.model[mixer] = models.mixer_config(mixer)
+  if mixer == "landmark":
+    config.model.name = "landmark_lm"
+    config.model.landmark.block_size = _LANDMARK_BLOCK_SIZE
   config.data.source = "mqar"
   config.data.mqar.num_pairs = (1, 2, 4)
   config.data.mqar.eval_examples = 128

@@ -95,3 +95,31 @@ def test_experiment_runner_trains_skips_finished_runs_and_writes_the_table(tmp_p
   assert "finished, skipped" in capsys.readouterr().out
   for name in ("results.json", "results.csv", "results.md"):
     assert (tmp_path / "hierarchical" / name).exists()
+
+
+@pytest.mark.parametrize("name", ["hierarchical", "lm-variants", "mqar-recall"])
+def test_every_experiment_run_is_a_config_that_resolves(name):
+  """Each run's config file (with its argument) and overrides load and resolve, as train.py would."""
+  from benchmarks import experiments
+  from training import cli
+  from training import runtime
+  experiment = experiments.EXPERIMENTS[name]
+  for run in experiment.runs:
+    argv = ["train.py", f"--config={run.config}", *(f"--config.{o}" for o in (*experiment.budget, *run.overrides))]
+    config, _ = cli.parse(argv)
+    runtime.family(runtime.resolve_config(config))  # the family accepts the model options
+
+
+@pytest.mark.slow
+def test_task_experiment_evaluates_each_run_and_tabulates_accuracy(tmp_path, capsys):
+  from benchmarks import experiments
+  args = ["mqar-recall", f"--out={tmp_path}", "--runs=softmax,landmark", "--steps=2", "--seeds=0"]
+  assert experiments.main(args) == 0
+  out = capsys.readouterr().out
+  assert "evaluate.py --tasks=mqar" in out and "| num_pairs 4 | num_pairs 8 |" in out
+  assert re.search(r"^\| landmark \| 1 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|", out, flags=re.M), out
+  assert (tmp_path / "mqar-recall" / "runs" / "softmax_s0" / "eval" / "mqar_step2.json").exists()
+  assert experiments.main(args) == 0  # neither trained nor evaluated again
+  again = capsys.readouterr().out
+  assert "evaluate.py --tasks" not in again and again.count("finished, skipped") == 2
+  assert "accuracy_num_pairs_16" in (tmp_path / "mqar-recall" / "results.csv").read_text()
