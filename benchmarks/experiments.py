@@ -7,6 +7,7 @@ sequence; skips the runs already finished; writes one results table (JSON, CSV, 
     python -m benchmarks.experiments hierarchical --steps=40          # a quick smoke budget
     python -m benchmarks.experiments lm-variants                      # every mixer + hierarchical, 2 seeds
     python -m benchmarks.experiments mqar-recall                      # MQAR accuracy vs pairs per mixer
+    python -m benchmarks.experiments length-generalization            # passkey accuracy at 1-16x training length
 
 Each run is `python train.py --config=<file> --workdir=<out>/<experiment>/runs/<run>_s<seed>
 --config.train.seed=<seed> <budget> <run overrides>` in a fresh process, its output in `train.log` beside
@@ -42,8 +43,9 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @dataclasses.dataclass(frozen=True)
 class Run:
   name: str
-  config: str  # path under the repo root
+  config: str  # path under the repo root ("file.py" or "file.py:arg")
   overrides: tuple[str, ...] = ()  # "key=value" under --config.
+  task_args: tuple[str, ...] = ()  # this run's own evaluate.py flags (after the experiment's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +65,15 @@ class Experiment:
 # in both layers: configs/cog.py's softmax first and last layer would leave no Cog layer here).
 _MIXERS = ("softmax", "gla", "landmark", "cog", "ssa", "selective")
 _MQAR_RUNS = tuple(Run(m, f"configs/mqar.py:{m}") for m in _MIXERS)
+
+# Trained at 512 bytes on the corpus with a quarter of the windows starting with a passkey document, so
+# retrieval is learned at the training length; passkey prompts of 1-16x that length at evaluation.
+# Landmark retrieves the top-4 blocks when decoding (its paper's inference).
+_PASSKEY_RUNS = (
+    Run("softmax", "configs/base.py"),
+    Run("landmark", "configs/landmark.py", task_args=("--model.landmark.inference=topk", "--model.landmark.top_k=4")),
+    Run("gla", "configs/gla.py"),
+    Run("ssa", "configs/ssa.py"))
 
 _HIERARCHICAL_RUNS = (
     Run("hourglass", "configs/hourglass.py"),
@@ -90,6 +101,13 @@ EXPERIMENTS = {
                     "model size (configs/mqar.py: trained on 1-4 pairs; 8 or more pairs are never seen).",
         runs=_MQAR_RUNS, budget=("train.steps=1000", "checkpoint.every=1000"), seeds=(0, 1),
         task="mqar", x="num_pairs"),
+    "length-generalization": Experiment(
+        description="Passkey retrieval accuracy at 1-16x the training length (512 bytes) after training on the "
+                    "bundled corpus with 25% of the windows starting with a passkey document.",
+        runs=_PASSKEY_RUNS,
+        budget=("train.steps=600", "train.seq_len=512", "train.batch_size=8", "data.passkey_fraction=0.25",
+                "train.eval_every=0", "checkpoint.every=600"),
+        seeds=(0, 1), task="passkey", task_args=("--passkey.lengths=1,2,4,8,16",), x="length_x_train"),
 }
 
 
@@ -160,10 +178,10 @@ def task_result(workdir: str, task: str, steps: int) -> dict[str, Any] | None:
   return list(entries.values())[-1] if entries else None
 
 
-def evaluate_once(experiment: Experiment, workdir: str) -> None:
+def evaluate_once(experiment: Experiment, run: Run, workdir: str) -> None:
   """Runs evaluate.py --tasks=<task> on the run's latest checkpoint (output to workdir/eval.log)."""
   cmd = [sys.executable, os.path.join(REPO_ROOT, "evaluate.py"), f"--workdir={workdir}",
-         f"--tasks={experiment.task}", *experiment.task_args]
+         f"--tasks={experiment.task}", *experiment.task_args, *run.task_args]
   with open(os.path.join(workdir, "eval.log"), "a") as log:
     proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
   if proc.returncode != 0:
@@ -343,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
       print(f"[{i}/{len(plan)}] {run.name} seed {seed}: finished, skipped", flush=True)
     if experiment.task and task_result(workdir, experiment.task, steps) is None:
       print(f"    evaluate.py --tasks={experiment.task}", flush=True)
-      evaluate_once(experiment, workdir)
+      evaluate_once(experiment, run, workdir)
     rows.append(collect(run, seed, workdir, steps, experiment))
     print(f"    valid bpb {rows[-1]['valid_bpb']:.4f}" + (
         f", {experiment.task} accuracy {rows[-1]['accuracy']}" if experiment.task else ""), flush=True)

@@ -102,6 +102,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.shuffle = True
   config.data.segment_documents = True  # packed documents get segment ids (no cross-document attention)
   config.data.max_corpus_bytes = 0  # 0 = no cap; cap the train split (bytes) for quick experiments
+  # Fraction of train windows that start with a passkey document (prompt + answer, up to seq_len bytes), so
+  # that retrieval is learned at the training length (length-generalization experiments); 0 = none.
+  config.data.passkey_fraction = 0.0
   # Span corruption (encoder-decoders, batch format "span_corruption"; data/span_corruption.py, T5 / ByT5
   # spec §2.4): train.seq_len is then the encoder input length and the target length follows from these.
   config.data.span_corruption = ml_collections.ConfigDict()

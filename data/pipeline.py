@@ -145,20 +145,59 @@ def _shuffle_seed(seed: int) -> int:
   return int(np.random.SeedSequence(int(seed) % 2**63).generate_state(1, np.uint32)[0])
 
 
+_PASSKEY_STREAM = 1  # the third seed word of the passkey mixture's draws
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: never compares the store
 class _TrainWindows:
-  """Maps a [b] array of window indices to a train batch (picklable for grain)."""
+  """Maps (local batch index, [b] window indices) to a train batch (picklable for grain).
 
-  def __init__(self, stream: store.SplitStore, seq_len: int, segment_documents: bool):
-    self._stream = stream
-    self._seq_len = seq_len
-    self._segment_documents = segment_documents
+  With passkey_fraction > 0, row r of local batch k on process p (global example e = (k * P + p) * b + r,
+  process-major as the rows) becomes a passkey document (synthetic.passkey_document, up to seq_len bytes)
+  + EOS + the start of its corpus window when np.random.default_rng([seed, e, 1]).random() < the fraction;
+  the same generator draws the document. A function of the position in the stream: a resumed iterator
+  draws the same documents, each epoch new ones, and P processes' batches concatenate to 1 process's.
+  """
+  stream: store.SplitStore
+  seq_len: int
+  segment_documents: bool
+  passkey_fraction: float = 0.0
+  seed: int = 0
+  local_batch: int = 1
+  process_index: int = 0
+  process_count: int = 1
 
-  def __call__(self, window_ids: np.ndarray) -> Batch:
+  def __call__(self, batch_index: int, window_ids: np.ndarray) -> Batch:
     window_ids = np.asarray(window_ids, np.int64)
-    span = self._seq_len + 1
-    windows = self._stream.windows(window_ids * span, span)
-    valid = np.full(len(window_ids), self._seq_len)
-    return _features(windows, valid, self._segment_documents, eval_weights=False)
+    span = self.seq_len + 1
+    windows = self.stream.windows(window_ids * span, span)
+    if self.passkey_fraction > 0:
+      first = (int(batch_index) * self.process_count + self.process_index) * self.local_batch
+      for row in range(len(windows)):
+        rng = np.random.default_rng([int(self.seed) % 2**63, first + row, _PASSKEY_STREAM])
+        if rng.random() < self.passkey_fraction:
+          document = byte_vocab.encode(synthetic.passkey_document(rng, self.seq_len))
+          corpus = windows[row, :span - len(document) - 1].copy()
+          windows[row] = np.concatenate([document, [byte_vocab.EOS_ID], corpus])
+    valid = np.full(len(window_ids), self.seq_len)
+    return _features(windows, valid, self.segment_documents, eval_weights=False)
+
+
+def _passkey_fraction(data_config: Any, seq_len: int, batch_format: str) -> float:
+  """data.passkey_fraction, checked: in [0, 1], causal_lm only, and seq_len long enough for a document."""
+  fraction = float(getattr(data_config, "passkey_fraction", 0.0) or 0.0)
+  if fraction == 0:
+    return 0.0
+  if not 0 < fraction <= 1:
+    raise corpora.DataError(f"data.passkey_fraction must be in [0, 1], got {fraction}.")
+  if batch_format != "causal_lm":
+    raise corpora.DataError(f"data.passkey_fraction mixes passkey documents into causal_lm windows; the "
+                            f"model's batch format is {batch_format!r}.")
+  need = synthetic.passkey_fixed_bytes() + synthetic.passkey_document_max_bytes()
+  if seq_len < need:
+    raise corpora.DataError(f"data.passkey_fraction needs seq_len >= {need} (the shortest passkey document "
+                            f"with its answer), got {seq_len}.")
+  return fraction
 
 
 class _MqarRows:
@@ -326,6 +365,7 @@ def make_train_dataset(data_config: Any, *, seq_len: int, global_batch_size: int
   source = getattr(data_config, "source", "bundled")
   if batch_format == "span_corruption":
     _check_not_synthetic(source, batch_format)
+    _passkey_fraction(data_config, seq_len, batch_format)  # not for span corruption: one error line
     sizes, density, mean = _span_config(data_config, seq_len)
     stream = corpora.open_split(data_config, "train")
     num_chunks = stream.num_bytes // sizes.raw_length
@@ -347,9 +387,10 @@ def make_train_dataset(data_config: Any, *, seq_len: int, global_batch_size: int
       data_config, num_windows, global_batch_size, seed, process_index, process_count,
       what=f"the train split has {len(stream)} ids, only {num_windows} windows of seq_len + 1 = "
            f"{seq_len + 1}")
-  ds = ds.map(_TrainWindows(stream, seq_len, bool(getattr(data_config, "segment_documents",
-                                                          True))))
-  return ds.to_iter_dataset(_READ_OPTIONS)
+  rows = _TrainWindows(stream, seq_len, bool(getattr(data_config, "segment_documents", True)),
+                       _passkey_fraction(data_config, seq_len, batch_format), seed, local_batch,
+                       process_index, process_count)
+  return ds.map_with_index(rows).to_iter_dataset(_READ_OPTIONS)
 
 
 def _train_index_batches(data_config: Any, num_items: int, global_batch_size: int, seed: int,

@@ -79,6 +79,25 @@ def passkey_prompt(rng: np.random.Generator, length_bytes: int) -> tuple[str, in
   return prompt, key
 
 
+def passkey_answer(key: int) -> str:
+  """What follows a prompt's question in a training document: the evaluation reads its first integer."""
+  return f" {key}."
+
+
+def passkey_document_max_bytes() -> int:
+  """Bytes of the longest answer: a passkey training document has at least fixed + this many."""
+  return len(passkey_answer(PASSKEY_MAX))
+
+
+def passkey_document(rng: np.random.Generator, max_bytes: int) -> bytes:
+  """A passkey training document: a prompt of a length drawn uniformly from the shortest possible up to
+  max_bytes - answer bytes, then its answer (passkey_answer)."""
+  answer_bytes = passkey_document_max_bytes()
+  longest = max_bytes - answer_bytes
+  prompt, key = passkey_prompt(rng, int(rng.integers(passkey_fixed_bytes(), longest + 1)))
+  return (prompt + passkey_answer(key)).encode("utf-8")
+
+
 def passkey_batch(length_bytes: int, num_trials: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
   """num_trials prompts of one length: (ids int32 [num_trials, length_bytes], keys int64 [num_trials]).
 

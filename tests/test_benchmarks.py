@@ -97,7 +97,7 @@ def test_experiment_runner_trains_skips_finished_runs_and_writes_the_table(tmp_p
     assert (tmp_path / "hierarchical" / name).exists()
 
 
-@pytest.mark.parametrize("name", ["hierarchical", "lm-variants", "mqar-recall"])
+@pytest.mark.parametrize("name", ["hierarchical", "lm-variants", "mqar-recall", "length-generalization"])
 def test_every_experiment_run_is_a_config_that_resolves(name):
   """Each run's config file (with its argument) and overrides load and resolve, as train.py would."""
   from benchmarks import experiments

@@ -254,3 +254,50 @@ def test_train_errors(tmp_path):
     pipeline.make_train_dataset(cfg, seq_len=15, global_batch_size=8, seed=0, process_count=3)
   with pytest.raises(corpora.DataError, match="fewer than one global batch of 64"):
     pipeline.make_train_dataset(cfg, seq_len=15, global_batch_size=64, seed=0)
+
+
+def test_passkey_mixture_rows_resume_and_shard_exactly(tmp_path):
+  from data import synthetic
+  cfg = _random_text_cfg(tmp_path, 200_000, passkey_fraction=0.5)
+  kw = dict(seq_len=300, global_batch_size=8, seed=5)
+  batches = _take(pipeline.make_train_iterator(cfg, **kw), 8)
+  description = byte_vocab.encode(synthetic.PASSKEY_TASK_DESCRIPTION)
+  mixed = 0
+  for b in batches:
+    for inputs, targets, segments in zip(b["inputs"], b["targets"], b["segment_ids"]):
+      if not np.array_equal(inputs[:len(description)], description):
+        assert segments.max() == 1  # a plain corpus window (random letters, no EOS)
+        continue
+      mixed += 1
+      window = np.append(inputs, targets[-1])  # the document + EOS may fill all seq_len + 1 ids
+      end = int(np.flatnonzero(window == byte_vocab.EOS_ID)[0])
+      text = byte_vocab.decode(window[:end])
+      key = int(text.split("The pass key is ")[1][:5])
+      assert text.endswith(synthetic.PASSKEY_QUESTION + synthetic.passkey_answer(key))
+      assert len(text) >= synthetic.passkey_fixed_bytes()
+      assert segments[min(end, len(inputs) - 1)] == 1
+      assert end >= len(inputs) - 1 or segments[-1] == 2  # the corpus window's start follows the EOS
+  assert 16 <= mixed <= 48  # about half of the 64 rows
+  # The draws are a function of the position in the stream: resume and 2-process sharding are exact.
+  it = pipeline.make_train_iterator(cfg, **kw)
+  _take(it, 3)
+  restored = pipeline.make_train_iterator(cfg, **kw)
+  restored.set_state(it.get_state())
+  _assert_batches_equal(_take(restored, 5), batches[3:])
+  parts = [_take(pipeline.make_train_iterator(cfg, process_index=p, process_count=2, **kw), 4) for p in range(2)]
+  for k in range(4):
+    for key in KEYS:
+      np.testing.assert_array_equal(np.concatenate([parts[0][k][key], parts[1][k][key]]), batches[k][key])
+  off = _take(pipeline.make_train_iterator(_random_text_cfg(tmp_path, 200_000), **kw), 2)
+  assert not any(np.array_equal(r[:len(description)], description) for b in off for r in b["inputs"])
+
+
+@pytest.mark.parametrize("fraction, seq_len, batch_format, message", [
+    (1.5, 300, "causal_lm", r"must be in \[0, 1\]"),
+    (0.2, 200, "causal_lm", r"needs seq_len >= 254"),
+    (0.2, 300, "span_corruption", "mixes passkey documents into causal_lm windows"),
+])
+def test_passkey_mixture_bad_options(tmp_path, fraction, seq_len, batch_format, message):
+  cfg = _random_text_cfg(tmp_path, 200_000, passkey_fraction=fraction)
+  with pytest.raises(corpora.DataError, match=message):
+    pipeline.make_train_iterator(cfg, seq_len=seq_len, global_batch_size=4, seed=0, batch_format=batch_format)
