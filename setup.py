@@ -23,7 +23,8 @@ setuptools.setup(
         "safetensors>=0.4",  # models/convert_hf.py reads Hugging Face checkpoints (numpy backend)
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "tensorboard>=2.16"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "tensorboard>=2.16", "pyarrow>=14", "zstandard>=0.22"],
+        "data": ["pyarrow>=14", "zstandard>=0.22"],  # data.source=parquet; .zst jsonl shards
         "plots": ["matplotlib>=3.8"],  # benchmarks/experiments.py
         "gcs": ["gcsfs", "google-cloud-storage"],  # gs:// run directories (epath) and TensorBoard events
         "gpu": ["jax[cuda13]>=0.11.2"],
