@@ -63,7 +63,7 @@ class SplitStore:
     self._fd = os.open(path, os.O_RDONLY)
     size = os.fstat(self._fd).st_size
     eos = np.asarray(np.load(os.path.join(self.directory, split_file(self.split, "eos.npy")), mmap_mode="r"))
-    self._raw_ends = None  # raw byte offsets of the document ends, built on first read_raw
+    self._raw_ends = None  # raw byte offsets of the document ends, built on first raw_bytes
     num_ids = size
     if self.max_bytes > 0 and len(eos) and int(eos[-1]) + 1 - len(eos) > self.max_bytes:
       # Keep the first max_bytes bytes: documents in order, the last one cut and closed by an EOS at the cut.
