@@ -8,7 +8,7 @@ compressed_bits_per_byte(data) compresses one byte string with Python's standard
   (what ``xz -9e`` writes, container overhead included);
 
 and reports 8 * len(compressed) / len(data) for each. The model is scored on
-pipeline.eval_scored_bytes(...) (the weighted eval targets, EOS separators dropped), so pass
+scoring.eval_scored_bytes(...) (the weighted eval targets, EOS separators dropped), so pass
 exactly those bytes: for a spread sample of separate windows, the windows' bytes concatenated in
 scoring order, compressed as one string (the compressor may use earlier windows as context, as it
 would for a whole file). Nothing is cached: each call compresses its input afresh (xz takes about a

@@ -148,8 +148,6 @@ def _config_paths(data_config: Any) -> tuple[str, ...]:
   return tuple(str(p) for p in paths)
 
 
-
-
 def _named_split_paths(data_config: Any) -> dict[str, tuple[str, ...]]:
   """{split: entries} of data.split_paths ({} when it names nothing)."""
   named = getattr(data_config, "split_paths", None)
@@ -184,9 +182,6 @@ class _Plan:
             "text_field": self.text_field if self.source in RECORD_SOURCES else "",
             "files": [[f.key, os.path.realpath(f.path), f.split, st.st_size, st.st_mtime_ns]
                       for f, st in zip(self.files, stats)]}
-
-  def total_bytes(self) -> int:
-    return sum(os.path.getsize(f.path) for f in self.files)
 
 
 def _discover(entries: Sequence[str], split: str | None, seen: set[str], setting: str) -> list[_File]:
@@ -265,13 +260,13 @@ def _document_split(plan: _Plan, f: _File, key: str) -> str | None:
   return f.split or _split_of(key)
 
 
-def _build(plan: _Plan, writer: store_lib.StoreWriter, progress: Any) -> dict[str, Any]:
-  """Streams every document of the plan into the writer; returns meta.json's stats."""
+def _build(plan: _Plan, sizes: list[int], writer: store_lib.StoreWriter, progress: Any) -> dict[str, Any]:
+  """Streams every document of the plan (files of `sizes` bytes) into the writer; returns meta.json's stats."""
   files_per_split = dict.fromkeys(plan.splits, 0)
   counts = sources.ReadCounts()
   if plan.source == "single_file":
     (f,) = plan.files
-    size = os.path.getsize(f.path)
+    (size,) = sizes
     a, b = size * 90 // 100, size * 95 // 100
     ranges = {"all": (0, size)} if plan.splits == ("all",) else {
         "train": (0, a), "valid": (a, b), "test": (b, size)}
@@ -283,7 +278,7 @@ def _build(plan: _Plan, writer: store_lib.StoreWriter, progress: Any) -> dict[st
       files_per_split[split] = 1
     return {"stats": {"files": 1, "files_per_split": files_per_split, "bytes_in": size}}
   reader = sources.RECORD_READERS.get(plan.source)
-  for f in plan.files:
+  for f, size in zip(plan.files, sizes):
     if reader is None:  # bundled / files: the whole file is one document
       split = _document_split(plan, f, f.key)
       if split in files_per_split:
@@ -297,9 +292,9 @@ def _build(plan: _Plan, writer: store_lib.StoreWriter, progress: Any) -> dict[st
           writer.add_document(_document_split(plan, f, f"{f.key}:{index}"), document)
       except sources.SourceError as e:
         raise DataError(str(e)) from None
-    progress.update(os.path.getsize(f.path))
+    progress.update(size)
   return {"stats": {"files": len(plan.files), "files_per_split": files_per_split,
-                    "bytes_in": plan.total_bytes(), **dataclasses.asdict(counts)}}
+                    "bytes_in": sum(sizes), **dataclasses.asdict(counts)}}
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:
@@ -313,7 +308,8 @@ def _open_entry(data_config: Any, plan: _Plan, show_progress: bool) -> tuple[str
   directory = _entry_directory(data_config, plan, key)
   built = []
 
-  total = plan.total_bytes()
+  sizes = [size for *_, size, _ in key["files"]]  # stat once: the key holds every file's size
+  total = sum(sizes)
   verbose = show_progress and total >= _PROGRESS_MIN_BYTES  # small sources build in about a second
 
   def build(writer: store_lib.StoreWriter) -> dict[str, Any]:
@@ -322,7 +318,7 @@ def _open_entry(data_config: Any, plan: _Plan, show_progress: bool) -> tuple[str
            f"{total / 1e6:,.1f} MB) in {directory}")
     started = time.monotonic()
     with _progress(total, f"cache {plan.source}", verbose) as bar:
-      stats = _build(plan, writer, bar)
+      stats = _build(plan, sizes, writer, bar)
     built.append(time.monotonic() - started)
     return stats
 

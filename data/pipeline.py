@@ -21,7 +21,7 @@ store (data/store.py), so no host scans the corpus after the cache is built.
 The iterator's state (get_state/set_state, or grain.checkpoint) is one index, so a
 restored iterator continues with exactly the batches the original would produce.
 
-Evaluation (eval_batches, eval_scored_bytes): the eval stream of a split is EOS_ID followed by
+Evaluation (eval_batches; data/scoring.py eval_scored_bytes): the eval stream of a split is EOS_ID followed by
 the split's id stream (corpora.open_split: each document's bytes then EOS), so the split's very first byte is
 predicted too, after an EOS context as every later document is. Window i has inputs
 ids[i*L : i*L+L] and targets ids[i*L+1 : i*L+L+1] of that eval stream: the windows tile it without
@@ -32,7 +32,7 @@ padded with all-pad rows, weights 0). With max_batches > 0 and fewer than the sp
 in k = max_batches * batch_size rows, the k windows floor(j * W / k), j = 0..k-1, are scored:
 distinct, sorted, evenly spread over the whole split, window 0 first (whole windows only, never
 the padded last one), in exactly max_batches full batches; otherwise the whole split is scored.
-eval_scored_bytes returns the bytes of the weighted targets in scoring order (EOS separators
+scoring.eval_scored_bytes returns the bytes of the weighted targets in scoring order (EOS separators
 dropped), so its length is the sum of the eval weights, for compressor baselines
 (data/compressors.py).
 
@@ -54,13 +54,13 @@ above (the same code), so the iterator state is the same one index. Row r of loc
 p is global example e = (k * P + p) * b + r, the same e a 1-process run gives that row, and its noise
 mask is drawn from np.random.default_rng([train seed, e]): a function of the position in the stream,
 so a resumed iterator redraws exactly the same masks, a chunk gets a new mask every epoch, and the P
-processes' batches concatenate to the 1-process batch. Evaluation (eval_batches, eval_scored_bytes):
+processes' batches concatenate to the 1-process batch. Evaluation (eval_batches, scoring.eval_scored_bytes):
 chunk c of the split (c = 0..C-1, C = ceil(raw bytes / R), every byte in exactly one chunk) gets the
 fixed mask of default_rng([0, c]); the whole split in order, or with max_batches > 0 the chunks
 eval_window_indices(C, batch_size, max_batches) as for the windows. The last chunk may be shorter than R:
 it is corrupted with span_corruption.span_counts of its own length (fewer noise bytes and spans, so its
 inputs and targets are padded), not padded with fake bytes. The last batch gets all-pad rows (weights
-0). eval_scored_bytes returns the weighted targets' bytes (the noise bytes) in scoring order.
+0). scoring.eval_scored_bytes returns the weighted targets' bytes (the noise bytes) in scoring order.
 
 Synthetic source ``mqar`` (data/synthetic.py, options ``data.mqar``): training example
 i is a function of (train.seed, i), batched and sharded exactly as the windows above
@@ -315,13 +315,20 @@ class _TrainSpanRows:
                           self.mean, eval_weights=False)
 
 
+def _span_eval_plan(data_config: Any, split: str, seq_len: int, batch_size: int, max_batches: int
+                    ) -> tuple[span_corruption.SpanLengths, float, float, store.SplitStore, np.ndarray]:
+  """(lengths, noise_density, mean span length, the split's stream, the scored raw chunk indices [k])."""
+  sizes, density, mean = _span_config(data_config, seq_len)
+  stream = corpora.open_split(data_config, split)
+  return sizes, density, mean, stream, eval_window_indices(-(-stream.num_bytes // sizes.raw_length), batch_size,
+                                                           max_batches)
+
+
 def _span_eval_batches(data_config: Any, split: str, seq_len: int, batch_size: int,
                        max_batches: int) -> Iterator[Batch]:
   """Span corruption eval batches of `split` (module docstring); chunk c's mask seed is [0, c]."""
-  sizes, density, mean = _span_config(data_config, seq_len)
-  stream = corpora.open_split(data_config, split)
+  sizes, density, mean, stream, chunks = _span_eval_plan(data_config, split, seq_len, batch_size, max_batches)
   n = sizes.raw_length
-  chunks = eval_window_indices(-(-stream.num_bytes // n), batch_size, max_batches)
   for k in range(-(-len(chunks) // batch_size)):
     rows = chunks[k * batch_size:(k + 1) * batch_size]
     yield _span_features([_raw_chunk(stream, c, n) for c in rows], [_span_seed(0, c) for c in rows],
@@ -505,92 +512,6 @@ def eval_batches(data_config: Any, split: str, *, seq_len: int, batch_size: int,
     starts[:len(rows)] = rows * seq_len
     valid = np.clip(num_targets - starts, 0, seq_len)
     yield _features(_eval_windows(stream, starts, seq_len + 1), valid, segment_documents, eval_weights=True)
-
-
-def _scored_units(data_config: Any, split: str, seq_len: int, batch_size: int, max_batches: int,
-                  batch_format: str) -> tuple[int, Any]:
-  """(number of scored units, unit(i) -> the uint8 bytes that unit i scores), in scoring order.
-
-  A unit is an eval window (causal_lm: its targets with the EOS separators dropped) or a raw chunk
-  (span_corruption: its noise bytes, the targets without sentinels and EOS).
-  """
-  if batch_format == "span_corruption":
-    sizes, density, mean = _span_config(data_config, seq_len)
-    stream = corpora.open_split(data_config, split)
-    chunks = eval_window_indices(-(-stream.num_bytes // sizes.raw_length), batch_size, max_batches)
-
-    def span_unit(i: int) -> np.ndarray:
-      c = int(chunks[i])
-      batch = _span_features([_raw_chunk(stream, c, sizes.raw_length)], [_span_seed(0, c)], 1, seq_len,
-                             sizes, density, mean, eval_weights=True)
-      return (batch["targets"][batch["weights"] > 0] - byte_vocab.BYTE_OFFSET).astype(np.uint8)
-    return len(chunks), span_unit
-  stream, windows = _eval_plan(data_config, split, seq_len, batch_size, max_batches)
-
-  def window_unit(i: int) -> np.ndarray:
-    ids = stream.read(int(windows[i]) * seq_len, int(windows[i]) * seq_len + seq_len)
-    return (ids[byte_vocab.is_byte_id(ids)] - byte_vocab.BYTE_OFFSET).astype(np.uint8)
-  return len(windows), window_unit
-
-
-def eval_scored_count(data_config: Any, split: str, *, seq_len: int, batch_size: int,
-                      max_batches: int = 0, batch_format: str = "causal_lm") -> int:
-  """len(eval_scored_bytes(...)) with the same arguments (no max_bytes), without reading the bytes."""
-  check_batch_format(batch_format)
-  if batch_format == "span_corruption":
-    sizes, density, mean = _span_config(data_config, seq_len)
-    stream = corpora.open_split(data_config, split)
-    n = sizes.raw_length
-    chunks = eval_window_indices(-(-stream.num_bytes // n), batch_size, max_batches)
-    lengths = np.minimum(stream.num_bytes - chunks * n, n)
-    full = span_corruption.span_counts(n, density, mean)[0]
-    return int(sum(full if length == n else span_corruption.span_counts(int(length), density, mean)[0]
-                   for length in lengths))
-  stream, windows = _eval_plan(data_config, split, seq_len, batch_size, max_batches)
-  if len(windows) == -(-len(stream) // seq_len):
-    return stream.num_bytes
-  return len(windows) * seq_len - stream.eos_count(windows * seq_len, seq_len)  # sampled windows are whole
-
-
-def eval_scored_bytes(data_config: Any, split: str, *, seq_len: int, batch_size: int,
-                      max_batches: int = 0, batch_format: str = "causal_lm", max_bytes: int = 0) -> bytes:
-  """The bytes that eval_batches (same arguments) scores, in scoring order, concatenated.
-
-  Exactly the weighted targets: the scored windows' targets in window order with the EOS
-  separators dropped (they are not bytes and carry no weight), so len(result) equals the sum of
-  the weights over eval_batches. For the whole split (max_batches = 0, or a cap that covers
-  every window) that is b"".join(corpora.load_documents(split)); for a spread sample it is the
-  sampled windows' bytes back to back. For "span_corruption" it is the scored chunks' noise bytes
-  (the targets without sentinels and EOS) in scoring order. Compressor baselines compress this one
-  string (data/compressors.py). Raises DataError for synthetic sources, which have no text.
-
-  max_bytes > 0 bounds the result for compressors on huge splits: when the scored bytes are more, it
-  returns the bytes of evenly spread blocks of consecutive scored windows (or chunks), each block
-  about 1 MiB, at most max_bytes in all (at least one block).
-  """
-  check_batch_format(batch_format)
-  source = getattr(data_config, "source", "bundled")
-  if source in corpora.SYNTHETIC_SOURCES:
-    raise corpora.DataError(f"data.source {source!r} is synthetic: its eval targets are not text, so "
-                            "there are no scored bytes to compress.")
-  window = dict(seq_len=seq_len, batch_size=batch_size, max_batches=max_batches, batch_format=batch_format)
-  total = eval_scored_count(data_config, split, **window)
-  if batch_format == "causal_lm" and max_batches <= 0 and (max_bytes <= 0 or total <= max_bytes):
-    stream = corpora.open_split(data_config, split)
-    return stream.raw_bytes(0, stream.num_bytes).tobytes()  # the whole split in one read
-  num_units, unit = _scored_units(data_config, split, **window)
-  units = np.arange(num_units)
-  if 0 < max_bytes < total:
-    per_block = max(1, -(-_SAMPLE_BLOCK_BYTES * num_units // max(total, 1)))  # units per ~1 MiB block
-    num_blocks = -(-num_units // per_block)
-    keep = max(1, max_bytes * num_blocks // total)
-    blocks = eval_window_indices(num_blocks, 1, keep)
-    units = (blocks[:, None] * per_block + np.arange(per_block)).reshape(-1)
-    units = units[units < num_units]
-  return b"".join(unit(int(i)).tobytes() for i in units)
-
-
-_SAMPLE_BLOCK_BYTES = 1 << 20  # eval_scored_bytes(max_bytes=...) samples blocks of about this many bytes
 
 
 def _mqar_eval_batches(data_config: Any, split: str, seq_len: int, batch_size: int,

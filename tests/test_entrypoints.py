@@ -15,7 +15,7 @@ import pytest
 
 from configs import base
 from configs import tiny
-from data import pipeline
+from data import scoring
 from training import cli
 from training import evaluation
 
@@ -70,7 +70,7 @@ def _result(workdir, name, where=""):
 def _valid_sample_bytes(max_batches=2):
   """The bytes the tiny run's capped eval scores: windows spread over the valid split."""
   config = tiny.get_config()
-  return len(pipeline.eval_scored_bytes(config.data, "valid", seq_len=config.train.seq_len,
+  return len(scoring.eval_scored_bytes(config.data, "valid", seq_len=config.train.seq_len,
                                         batch_size=config.eval.batch_size, max_batches=max_batches))
 
 

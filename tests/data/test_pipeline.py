@@ -7,6 +7,7 @@ from configs import base
 from data import bytes as byte_vocab
 from data import corpora
 from data import pipeline
+from data import scoring
 
 KEYS = ("inputs", "targets", "segment_ids", "positions", "weights")
 
@@ -76,7 +77,7 @@ def test_eval_batches_hand_built(tmp_path):
   # The first byte "a" is scored (after the EOS context); EOS targets and padding are not.
   np.testing.assert_array_equal(b["weights"], [[1, 1, 0, 1], [1, 1, 0, 1], [0] * 4, [0] * 4])
   assert b["weights"].sum() == 6 == len(b"ab" + b"cde" + b"f")
-  assert pipeline.eval_scored_bytes(cfg, "all", seq_len=4, batch_size=2) == b"abcdef"
+  assert scoring.eval_scored_bytes(cfg, "all", seq_len=4, batch_size=2) == b"abcdef"
   flat = list(pipeline.eval_batches(_docs_cfg(tmp_path, [b"ab", b"cde", b"f"],
                                               segment_documents=False),
                                     "all", seq_len=4, batch_size=2))
@@ -118,7 +119,7 @@ def test_eval_windows_cover_every_target_once(tmp_path, seq_len, batch_size):
   # Every byte, the stream's first included, is a target; EOS and padding carry no weight.
   assert weights.sum() == sum(len(d) for d in docs)
   assert len(batches) == -(-(-(-len(stream) // seq_len)) // batch_size)
-  scored = pipeline.eval_scored_bytes(cfg, "all", seq_len=seq_len, batch_size=batch_size)
+  scored = scoring.eval_scored_bytes(cfg, "all", seq_len=seq_len, batch_size=batch_size)
   assert scored == b"".join(docs) == _scored_bytes_of(batches)
   # A cap that covers every window reads the whole split, unchanged.
   capped = list(pipeline.eval_batches(cfg, "all", seq_len=seq_len, batch_size=batch_size,
@@ -157,7 +158,7 @@ def test_eval_spread_sample(tmp_path, seq_len, batch_size, max_batches):
   for k in KEYS:  # the same windows, laid out as in the whole-split eval
     np.testing.assert_array_equal(rows[k], whole[k][windows])
   assert (rows["segment_ids"] > 0).all()  # whole windows: no padding
-  scored = pipeline.eval_scored_bytes(cfg, "all", max_batches=max_batches, **kw)
+  scored = scoring.eval_scored_bytes(cfg, "all", max_batches=max_batches, **kw)
   assert len(scored) == rows["weights"].sum() > 0
   assert scored == _scored_bytes_of(sample)
   assert list(pipeline.eval_batches(cfg, "all", max_batches=max_batches, **kw))[0]["inputs"][0, 0] \
@@ -175,14 +176,14 @@ def test_text_files_score_every_byte(tmp_path):
     for batch_size in (4, 64):
       batches = list(pipeline.eval_batches(cfg, "all", seq_len=32, batch_size=batch_size))
       assert sum(float(x["weights"].sum()) for x in batches) == size
-      scored = pipeline.eval_scored_bytes(cfg, "all", seq_len=32, batch_size=batch_size)
+      scored = scoring.eval_scored_bytes(cfg, "all", seq_len=32, batch_size=batch_size)
       assert scored == b"".join(p.read_bytes() for p in paths) == _scored_bytes_of(batches)
 
 
 def test_eval_scored_bytes_rejects_synthetic_sources():
   cfg = _cfg(source="mqar")
   with pytest.raises(corpora.DataError, match="no scored bytes"):
-    pipeline.eval_scored_bytes(cfg, "valid", seq_len=64, batch_size=4)
+    scoring.eval_scored_bytes(cfg, "valid", seq_len=64, batch_size=4)
 
 
 def test_train_batches_shape_and_content(tmp_path):

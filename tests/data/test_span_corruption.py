@@ -6,6 +6,7 @@ import pytest
 from data import bytes as byte_vocab
 from data import corpora
 from data import pipeline
+from data import scoring
 from data import span_corruption as sc
 from tests.data import test_pipeline as tp
 
@@ -290,7 +291,7 @@ def test_span_eval_covers_every_byte_once(tmp_path, seq_len, batch_size, mean):
   np.testing.assert_array_equal(rows["weights"] + rows["special_weights"], real)
   np.testing.assert_array_equal(rows["special_weights"] * (rows["targets"] == 1),
                                 rows["targets"] == 1)  # every EOS is special
-  scored = pipeline.eval_scored_bytes(cfg, "all", **kw)
+  scored = scoring.eval_scored_bytes(cfg, "all", **kw)
   assert len(scored) == rows["weights"].sum() > 0
   assert scored == (rows["targets"][rows["weights"] > 0] - 3).astype(np.uint8).tobytes()
   # Fixed masks: the same batches again.
@@ -311,7 +312,7 @@ def test_span_eval_weights_with_sentinel_valued_bytes(tmp_path):
   chunks = np.split(raw, np.arange(73, len(raw), 73))  # lengths(64).raw_length = 73
   expected = b"".join((chunk[_mask(chunk, seed=[0, c])] - 3).astype(np.uint8).tobytes()
                       for c, chunk in enumerate(chunks))
-  scored = pipeline.eval_scored_bytes(cfg, "all", **kw)
+  scored = scoring.eval_scored_bytes(cfg, "all", **kw)
   assert scored == expected and len(scored) == rows["weights"].sum()
   assert len(chunks) * 2 == rows["special_weights"].sum()  # one sentinel and EOS a chunk
 
@@ -327,7 +328,7 @@ def test_span_eval_spread_sample(tmp_path):
   rows = _eval_rows(sample)
   for key in KEYS:  # the same chunks with the same masks as in the whole-split eval
     np.testing.assert_array_equal(rows[key], whole[key][chunks])
-  scored = pipeline.eval_scored_bytes(cfg, "all", max_batches=2, **kw)
+  scored = scoring.eval_scored_bytes(cfg, "all", max_batches=2, **kw)
   assert len(scored) == rows["weights"].sum() > 0
 
 

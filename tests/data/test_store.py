@@ -11,6 +11,7 @@ from configs import base
 from data import bytes as byte_vocab
 from data import corpora
 from data import pipeline
+from data import scoring
 from data import store
 
 
@@ -275,11 +276,11 @@ def test_scored_count_and_the_compressor_sample(tmp_path):
   for fmt, seq_len in (("causal_lm", 100), ("span_corruption", 64)):
     for max_batches in (0, 5):
       kw = dict(seq_len=seq_len, batch_size=4, max_batches=max_batches, batch_format=fmt)
-      whole = pipeline.eval_scored_bytes(cfg, "all", **kw)
-      assert pipeline.eval_scored_count(cfg, "all", **kw) == len(whole)
+      whole = scoring.eval_scored_bytes(cfg, "all", **kw)
+      assert scoring.eval_scored_count(cfg, "all", **kw) == len(whole)
   cfg = _cfg(tmp_path, source="single_file", paths=(str(tmp_path / "big.txt"),))
   kw = dict(seq_len=100, batch_size=4)
-  whole = pipeline.eval_scored_bytes(cfg, "all", **kw)
-  sample = pipeline.eval_scored_bytes(cfg, "all", max_bytes=2_200_000, **kw)
+  whole = scoring.eval_scored_bytes(cfg, "all", **kw)
+  sample = scoring.eval_scored_bytes(cfg, "all", max_bytes=2_200_000, **kw)
   block = -(-(1 << 20) * 50_000 // 5_000_000) * 100  # consecutive whole windows of about 1 MiB
   assert sample == whole[:block] + whole[2 * block:3 * block]  # blocks 0 and 2 of 5: evenly spread

@@ -1,7 +1,7 @@
 """Bits per byte on a split of any data source, beside gzip -9 and xz -9e on exactly the same bytes.
 
 Splits with more scored bytes than eval.compressor_max_bytes get the compressors on an even sample of
-~1 MiB blocks of them instead (data/pipeline.py eval_scored_bytes); the result's "compressor_bytes" says
+~1 MiB blocks of them instead (data/scoring.py eval_scored_bytes); the result's "compressor_bytes" says
 how many.
 
 The split is read in fixed, non-overlapping windows (data/pipeline.py eval_batches): all of it, or with
@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from data import compressors
 from data import corpora
 from data import pipeline
+from data import scoring
 from ops import losses
 from training import metrics as metrics_lib
 from training import paths
@@ -40,7 +41,7 @@ def evaluate_bpb(eval_fn: Any, params: Any, config: Any, mesh: Any, *, batch_for
   max_batches = config.eval.max_batches if max_batches is None else max_batches
   window = dict(seq_len=config.train.seq_len, batch_size=config.eval.batch_size, max_batches=max_batches)
   synthetic = data_config.source in corpora.SYNTHETIC_SOURCES
-  total = None if synthetic else pipeline.eval_scored_count(data_config, split, batch_format=batch_format,
+  total = None if synthetic else scoring.eval_scored_count(data_config, split, batch_format=batch_format,
                                                              **window)
   desc = f"bpb {split}"
   with metrics_lib.progress(total=total, unit="B", desc=desc,
@@ -58,7 +59,7 @@ def evaluate_bpb(eval_fn: Any, params: Any, config: Any, mesh: Any, *, batch_for
     result.update({k: float(v) for k, v in summarize(sums).items()})
   if not synthetic:
     # Bounded (eval.compressor_max_bytes): xz -9e runs at about 1 MB/s, and a multi-GB split stays on disk.
-    scored = pipeline.eval_scored_bytes(data_config, split, batch_format=batch_format,
+    scored = scoring.eval_scored_bytes(data_config, split, batch_format=batch_format,
                                         max_bytes=int(config.eval.get("compressor_max_bytes", 0)), **window)
     result.update({f"{name}_bpb": v for name, v in compressors.compressed_bits_per_byte(scored).items()})
     if len(scored) < total:
