@@ -1,7 +1,7 @@
 """Text corpora as documents, split into train/valid/test and kept in an on-disk byte store.
 
 A split is read as its id stream: each document's bytes then EOS_ID, concatenated. open_split returns it
-as a data/store.py SplitStore, memory-mapped from a cache entry that is built once per source and split
+as a data/store.py SplitStore, read by offset from a cache entry that is built once per source and split
 rule by streaming the source file by file, so neither the build nor a reader holds the corpus in memory.
 
 Sources (`config.data.source`):
@@ -58,7 +58,6 @@ import glob
 import hashlib
 import json
 import os
-import sys
 import sysconfig
 import time
 import zlib
@@ -77,7 +76,7 @@ _PROGRESS_MIN_BYTES = 64 << 20  # builds of smaller sources take about a second:
 _BUNDLED_EXCLUDED_DIRS = frozenset(
     ("site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo"))
 
-# (data options that name the corpus, split) -> the open SplitStore (memory maps, no data).
+# (data options that name the corpus, split) -> the open SplitStore (file handles, no data).
 _OPEN_SPLITS: dict[tuple[Any, ...], store_lib.SplitStore] = {}
 
 
@@ -307,15 +306,14 @@ def _open_entry(data_config: Any, plan: _Plan, show_progress: bool) -> tuple[str
   key = plan.key()
   directory = _entry_directory(data_config, plan, key)
   built = []
-
   sizes = [size for *_, size, _ in key["files"]]  # stat once: the key holds every file's size
   total = sum(sizes)
   verbose = show_progress and total >= _PROGRESS_MIN_BYTES  # small sources build in about a second
 
   def build(writer: store_lib.StoreWriter) -> dict[str, Any]:
     if verbose:
-      _log(f"building the byte cache of data.source={plan.source!r} ({len(plan.files):,} file(s), "
-           f"{total / 1e6:,.1f} MB) in {directory}")
+      store_lib.log(f"building the byte cache of data.source={plan.source!r} ({len(plan.files):,} file(s), "
+                    f"{total / 1e6:,.1f} MB) in {directory}")
     started = time.monotonic()
     with _progress(total, f"cache {plan.source}", verbose) as bar:
       stats = _build(plan, sizes, writer, bar)
@@ -327,15 +325,11 @@ def _open_entry(data_config: Any, plan: _Plan, show_progress: bool) -> tuple[str
     splits = ", ".join(f"{s} {c['ids'] - c['documents']:,} bytes / {c['documents']:,} documents"
                        for s, c in meta["splits"].items())
     mb_per_s = meta["stats"]["bytes_in"] / 1e6 / max(built[0], 1e-9)
-    _log(f"built the byte cache in {built[0]:.1f} s ({mb_per_s:,.0f} MB/s): {splits}")
+    store_lib.log(f"built the byte cache in {built[0]:.1f} s ({mb_per_s:,.0f} MB/s): {splits}")
   skipped = sources.describe_counts(meta["stats"], plan.source, plan.text_field)
   if built and skipped:  # always said, whatever the size
-    _log(f"data.source={plan.source!r}: {skipped}.")
+    store_lib.log(f"data.source={plan.source!r}: {skipped}.")
   return directory, meta
-
-
-def _log(message: str) -> None:
-  print(message, file=sys.stderr, flush=True)
 
 
 def _empty_hint(plan: _Plan, meta: dict[str, Any], split: str) -> str:
@@ -370,7 +364,7 @@ def _signature(data_config: Any, split: str) -> tuple[Any, ...]:
 
 
 def open_split(data_config: Any, split: str, *, show_progress: bool = True) -> store_lib.SplitStore:
-  """The split's id stream (module docstring) as a memory-mapped SplitStore, building its cache if needed.
+  """The split's id stream (module docstring) as an open SplitStore, building its cache if needed.
 
   Memoised per process; raises DataError when the split has no bytes.
   """

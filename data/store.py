@@ -1,4 +1,4 @@
-"""On-disk byte store: a corpus split's id stream as a memory-mapped uint8 file and a document index.
+"""On-disk byte store: a corpus split's id stream as a uint8 file and a document index.
 
 A split's id stream (data/corpora.py) is each document's bytes then EOS_ID, concatenated: n ids for d
 documents and n - d bytes. The store keeps it in two files of one cache entry directory:
@@ -44,7 +44,8 @@ FORMAT_VERSION = 1
 _META = "meta.json"
 
 
-def _log(message: str) -> None:
+def log(message: str) -> None:
+  """One line on stderr (the data modules' build and rebuild messages)."""
   print(message, file=sys.stderr, flush=True)
 
 
@@ -265,7 +266,7 @@ def open_entry(directory: str, key: dict[str, Any], splits: tuple[str, ...],
     reason = _stale_reason(directory, key, splits)
     if reason is None:
       return read_meta(directory)
-    _log(f"the byte cache {directory} is not reused because {reason}; rebuilding it.")
+    log(f"the byte cache {directory} is not reused because {reason}; rebuilding it.")
   os.makedirs(os.path.dirname(directory) or ".", exist_ok=True)
   writer = StoreWriter(directory, splits)
   try:
