@@ -8,6 +8,7 @@ sequence; skips the runs already finished; writes one results table (JSON, CSV, 
     python -m benchmarks.experiments lm-variants                      # every mixer + hierarchical, 2 seeds
     python -m benchmarks.experiments mqar-recall                      # MQAR accuracy vs pairs per mixer
     python -m benchmarks.experiments length-generalization            # passkey accuracy at 1-16x training length
+    python -m benchmarks.experiments mrt5-deletion                    # ByT5 vs MrT5 at 3 target deletion rates
 
 Each run is `python train.py --config=<file> --workdir=<out>/<experiment>/runs/<run>_s<seed>
 --config.train.seed=<seed> <budget> <run overrides>` in a fresh process, its output in `train.log` beside
@@ -20,6 +21,12 @@ config.json's "compute", the parameter count from the start-up line, and the wal
 the spread (min - max) per config. Plots (matplotlib, `pip install -e '.[plots]'`): valid bpb against
 training FLOPs (FLOPs per byte x bytes seen) and against wall time.
 
+A run may set its own steps and seeds and start from another run's checkpoint (`Run.init_from`, as MrT5
+continues a trained ByT5); such a base run is trained first and tabulated, not plotted. An experiment with
+a `measure` (mrt5-deletion: runtime of the trained checkpoints) calls it once on every other run after
+training, so all of them are measured in one process against the same baseline; its values are columns of
+the table and may be plot axes (`Experiment.plots`).
+
 An experiment with a `task` (mqar-recall) also runs `evaluate.py --tasks=<task>` on each finished run
 (output in eval.log; skipped when its eval/<task>_step<N>.json exists) and tabulates and plots that task's
 accuracy per x (e.g. the number of MQAR pairs) instead, mean and min - max over the seeds.
@@ -28,6 +35,7 @@ accuracy per x (e.g. the number of MQAR pairs) instead, mean and min - max over 
 import argparse
 import csv
 import dataclasses
+import importlib
 import json
 import os
 import re
@@ -44,8 +52,12 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 class Run:
   name: str
   config: str  # path under the repo root ("file.py" or "file.py:arg")
-  overrides: tuple[str, ...] = ()  # "key=value" under --config.
+  overrides: tuple[str, ...] = ()  # "key=value" under --config. (after the budget; may set train.steps)
   task_args: tuple[str, ...] = ()  # this run's own evaluate.py flags (after the experiment's)
+  seeds: tuple[int, ...] | None = None  # this run's seeds instead of the experiment's
+  # An earlier run of the experiment whose checkpoint initialises this one (train.init_from): its run of
+  # the same seed, or of its first seed when it has no such seed. Such a base run is tabulated, not plotted.
+  init_from: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +71,12 @@ class Experiment:
   task: str = ""  # e.g. "mqar" or "passkey"
   task_args: tuple[str, ...] = ()  # evaluate.py flags, e.g. "--passkey.lengths=1,2,4"
   x: str = ""  # the result rows' key on the x axis, e.g. "num_pairs"
+  # "module:function" called once all runs are trained, with their run directories, in one process (a
+  # same-run measurement such as runtime): it returns {workdir: {column: value}} for the rows.
+  measure: str = ""
+  columns: tuple[tuple[str, str, str], ...] = ()  # more table columns: (row key, header, format spec)
+  plots: tuple[tuple[str, str], ...] = (("train_flops", "valid_bpb"), ("wall_s", "valid_bpb"))  # (x, y) panels
+  zero_when_absent: tuple[str, ...] = ()  # row keys that are 0 for a run without them (ByT5 deletes nothing)
 
 
 # One Run per mixer on configs/mqar.py's 2-layer d_model 64 model: the same size and training for all (Cog
@@ -84,6 +102,18 @@ _HIERARCHICAL_RUNS = (
 # 600 steps of 16 x 256 bytes: 2.46M training bytes, about 4-8 minutes a run on 2 cores.
 _BYTES_BUDGET = ("train.steps=600", "train.eval_every=0", "checkpoint.every=600")
 
+# MrT5 as its paper trains it (spec §3.6): a trained ByT5 continued with the new delete gate, AdamW lr 1e-4,
+# linear decay, no warmup; the ByT5 baseline continues the same way without the gate. softmax1 throughout
+# (§3.3). configs/byt5.py's 1500 steps train the base (about 25 min on 2 cores), 300 steps each continuation.
+_MRT5_CONTINUE = ("train.steps=300", "checkpoint.every=300", "optimizer.lr=1e-4", "optimizer.warmup_steps=0",
+                  "optimizer.schedule=linear", "optimizer.min_lr_ratio=0")
+_MRT5_RUNS = (
+    Run("byt5_base", "configs/byt5.py", ("train.steps=1500", "checkpoint.every=1500", "model.byt5.softmax1=True"),
+        seeds=(0,)),
+    Run("byt5", "configs/byt5.py", ("model.byt5.softmax1=True", *_MRT5_CONTINUE), init_from="byt5_base"),
+    *(Run(f"mrt5_{target}", "configs/mrt5.py", (f"model.byt5.delete_gate.target={target}", *_MRT5_CONTINUE),
+          init_from="byt5_base") for target in ("0.3", "0.5", "0.7")))
+
 EXPERIMENTS = {
     "hierarchical": Experiment(
         description="Every hierarchical config and the flat byte Transformer at one training budget "
@@ -108,6 +138,18 @@ EXPERIMENTS = {
         budget=("train.steps=600", "train.seq_len=512", "train.batch_size=8", "data.passkey_fraction=0.25",
                 "train.eval_every=0", "checkpoint.every=600"),
         seeds=(0, 1), task="passkey", task_args=("--passkey.lengths=1,2,4,8,16",), x="length_x_train"),
+    "mrt5-deletion": Experiment(
+        description="ByT5 and MrT5 at target deletion rates 0.3 / 0.5 / 0.7, each continued for 300 steps from "
+                    "one ByT5 trained for 1500 steps (the paper's recipe, spec §3.6), span corruption on the "
+                    "bundled corpus; runtime of the trained checkpoints on the same valid batches.",
+        runs=_MRT5_RUNS, budget=("train.eval_every=0",), seeds=(0, 1),
+        measure="benchmarks.mrt5:trained_runtime",
+        columns=(("eval/deletion_rate", "deletion rate (valid, hard)", ".3f"),
+                 ("eval/soft_bpb", "soft-deletion bpb", ".4f"),
+                 ("encoder_ms", "encoder ms", ".1f"), ("encoder_decrease", "encoder vs ByT5", ".1%"),
+                 ("forward_ms", "forward ms", ".1f"), ("forward_decrease", "forward vs ByT5", ".1%")),
+        plots=(("eval/deletion_rate", "valid_bpb"), ("eval/deletion_rate", "encoder_ms"),
+               ("eval/deletion_rate", "forward_ms")), zero_when_absent=("eval/deletion_rate",)),
 }
 
 
@@ -122,22 +164,22 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
   return p.parse_args(argv)
 
 
-def _budget(experiment: Experiment, steps: int | None) -> list[str]:
-  budget = [b for b in experiment.budget if not (steps and b.split("=", 1)[0] in ("train.steps",
-                                                                                   "checkpoint.every"))]
-  if steps:
-    budget += [f"train.steps={steps}", f"checkpoint.every={steps}"]
-  return budget
+def settings(experiment: Experiment, run: Run, steps: int | None) -> list[str]:
+  """The run's "key=value" overrides: the budget, then its own; `steps` (a smoke budget) replaces both's
+  train.steps and checkpoint.every."""
+  out = [o for o in (*experiment.budget, *run.overrides)
+         if not (steps and o.split("=", 1)[0] in ("train.steps", "checkpoint.every"))]
+  return out + ([f"train.steps={steps}", f"checkpoint.every={steps}"] if steps else [])
 
 
-def _steps(budget: list[str]) -> int:
-  return int(next(b.split("=", 1)[1] for b in budget if b.startswith("train.steps=")))
+def _steps(overrides: list[str]) -> int:
+  return int([o.split("=", 1)[1] for o in overrides if o.startswith("train.steps=")][-1])
 
 
-def command(run: Run, seed: int, workdir: str, budget: list[str]) -> list[str]:
+def command(run: Run, seed: int, workdir: str, overrides: list[str], init_from: str = "") -> list[str]:
   return [sys.executable, os.path.join(REPO_ROOT, "train.py"), f"--config={os.path.join(REPO_ROOT, run.config)}",
           f"--workdir={workdir}", f"--config.train.seed={seed}", "--config.train.progress_bar=false",
-          *(f"--config.{o}" for o in (*budget, *run.overrides))]
+          *(f"--config.{o}" for o in overrides), *([f"--config.train.init_from={init_from}"] if init_from else [])]
 
 
 def _metrics(workdir: str) -> list[dict[str, Any]]:
@@ -154,13 +196,12 @@ def final_eval(workdir: str, steps: int) -> dict[str, Any] | None:
   return evals[-1] if evals else None
 
 
-def train_once(run: Run, seed: int, workdir: str, budget: list[str]) -> float:
-  """Runs train.py for one run (output to workdir/train.log); returns the wall seconds."""
+def train_once(cmd: list[str], workdir: str) -> float:
+  """Runs one train.py command (output to workdir/train.log); returns the wall seconds."""
   os.makedirs(workdir, exist_ok=True)
   start = time.time()
   with open(os.path.join(workdir, "train.log"), "a") as log:
-    proc = subprocess.run(command(run, seed, workdir, budget), stdout=log, stderr=subprocess.STDOUT,
-                          cwd=REPO_ROOT)
+    proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
   wall = time.time() - start
   if proc.returncode != 0:
     raise RuntimeError(f"run {os.path.basename(workdir)} failed (exit {proc.returncode}); see "
@@ -202,7 +243,8 @@ def collect(run: Run, seed: int, workdir: str, steps: int, experiment: Experimen
          "gzip_bpb": result.get("eval/gzip_bpb"), "xz_bpb": result.get("eval/xz_bpb"),
          "eval_bytes": result.get("eval/bytes"), "bytes_per_patch": result.get("eval/bytes_per_patch"),
          "train_flops_per_byte": compute.get("total"),
-         "train_flops": compute["total"] * bytes_seen if compute.get("total") else None}
+         "train_flops": compute["total"] * bytes_seen if compute.get("total") else None,
+         **{k: v for k, v in result.items() if k.startswith("eval/") and isinstance(v, (int, float))}}
   log = os.path.join(workdir, "train.log")
   if os.path.exists(log):
     with open(log, errors="replace") as f:
@@ -223,26 +265,35 @@ def _mean_spread(values: list[float]) -> tuple[float, float, float]:
   return statistics.fmean(values), min(values), max(values)
 
 
-def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-  """One line per run name: mean (and min / max over seeds) of bpb and wall time."""
+def summarize(rows: list[dict[str, Any]], experiment: Experiment) -> list[dict[str, Any]]:
+  """One line per run name: mean, and min / max over seeds (as <key>_min / <key>_max), of bpb, wall time
+  and the experiment's columns and plotted keys."""
+  keys = dict.fromkeys(("valid_bpb", "wall_s", *(c[0] for c in experiment.columns),
+                        *(k for panel in experiment.plots for k in panel)))
   out = []
   for name in dict.fromkeys(r["run"] for r in rows):
     group = [r for r in rows if r["run"] == name]
-    bpb = _mean_spread([r["valid_bpb"] for r in group])
-    walls = [r["wall_s"] for r in group if r.get("wall_s")]
     first = group[0]
-    out.append({"run": name, "seeds": len(group), "valid_bpb": bpb[0], "bpb_min": bpb[1], "bpb_max": bpb[2],
-                "gzip_bpb": first["gzip_bpb"], "xz_bpb": first["xz_bpb"],
-                "bytes_per_patch": first.get("bytes_per_patch"), "params": first.get("params"),
-                "train_flops_per_byte": first["train_flops_per_byte"], "train_flops": first["train_flops"],
-                "wall_s": statistics.fmean(walls) if walls else None, "bytes_seen": first["bytes_seen"]})
+    line = {"run": name, "seeds": len(group), "gzip_bpb": first["gzip_bpb"], "xz_bpb": first["xz_bpb"],
+            "bytes_per_patch": first.get("bytes_per_patch"), "params": first.get("params"),
+            "train_flops_per_byte": first["train_flops_per_byte"], "bytes_seen": first["bytes_seen"],
+            "base": first.get("base", False)}
+    for key in keys:
+      values = [r[key] for r in group if r.get(key) is not None]
+      mean, low, high = _mean_spread(values) if values else (None, None, None)
+      line.update({key: mean, f"{key}_min": low, f"{key}_max": high})
     if "accuracy" in first:  # a task experiment: mean, min and max over the seeds at each x
-      out[-1]["accuracy"] = {x: _mean_spread([r["accuracy"][x] for r in group]) for x in first["accuracy"]}
+      line["accuracy"] = {x: _mean_spread([r["accuracy"][x] for r in group]) for x in first["accuracy"]}
+    out.append(line)
   return out
 
 
 def _fmt(value: Any, spec: str) -> str:
   return "-" if value is None else format(value, spec)
+
+
+def _millions(value: float | None) -> str:
+  return "-" if value is None else f"{value / 1e6:.1f}M"
 
 
 def _task_markdown(experiment: str, summary: list[dict[str, Any]]) -> str:
@@ -261,18 +312,21 @@ def _task_markdown(experiment: str, summary: list[dict[str, Any]]) -> str:
 
 
 def markdown(experiment: str, summary: list[dict[str, Any]]) -> str:
-  if EXPERIMENTS[experiment].task:
+  spec = EXPERIMENTS[experiment]
+  if spec.task:
     return _task_markdown(experiment, summary)
-  lines = [f"# {experiment}: {EXPERIMENTS[experiment].description}", "",
+  extra = "".join(f" {header} |" for _, header, _ in spec.columns)
+  lines = [f"# {experiment}: {spec.description}", "",
            "| run | seeds | valid bpb (min - max) | gzip -9 / xz -9e | bytes/patch | params | train FLOPs/byte "
-           "| wall |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "| wall |" + extra, "| --- " * (8 + len(spec.columns)) + "|"]
   for s in summary:
-    spread = f" ({s['bpb_min']:.4f} - {s['bpb_max']:.4f})" if s["seeds"] > 1 else ""
+    spread = f" ({s['valid_bpb_min']:.4f} - {s['valid_bpb_max']:.4f})" if s["seeds"] > 1 else ""
+    cells = "".join(f" {_fmt(s[key], fmt)} |" for key, _, fmt in spec.columns)
     lines.append(f"| {s['run']} | {s['seeds']} | {s['valid_bpb']:.4f}{spread} | {_fmt(s['gzip_bpb'], '.3f')} / "
                  f"{_fmt(s['xz_bpb'], '.3f')} | {_fmt(s['bytes_per_patch'], '.2f')} | "
                  f"{_fmt(s['params'] and s['params'] / 1e6, '.2f')}M | "
-                 f"{_fmt(s['train_flops_per_byte'] and s['train_flops_per_byte'] / 1e6, '.1f')}M | "
-                 f"{_fmt(s['wall_s'], '.0f')} s |")
+                 f"{_millions(s['train_flops_per_byte'])} | "
+                 f"{_fmt(s['wall_s'], '.0f')} s |" + cells)
   return "\n".join(lines) + "\n"
 
 
@@ -309,51 +363,94 @@ def plot_task(experiment: Experiment, summary: list[dict[str, Any]], path: str) 
   return True
 
 
-def plot(summary: list[dict[str, Any]], path: str) -> bool:
-  """bpb against training FLOPs and against wall time, one point per run; False without matplotlib."""
+_LABELS = {"train_flops": "training FLOPs", "wall_s": "wall time (s)", "valid_bpb": "valid bpb (whole split)"}
+
+
+def plot(experiment: Experiment, summary: list[dict[str, Any]], path: str) -> bool:
+  """One panel per (x, y) of experiment.plots, a point per run (base runs left out) at the seeds' mean
+  with their min - max as error bars; False without matplotlib."""
   plt = _pyplot()
   if plt is None:
     return False
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-  for ax, key, label in ((axes[0], "train_flops", "training FLOPs"), (axes[1], "wall_s", "wall time (s)")):
+  headers = {key: header for key, header, _ in experiment.columns}
+  panels = experiment.plots
+  fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+  for ax, (x, y) in zip(axes[0], panels):
     for s in summary:
-      if s[key]:
-        err = [[s["valid_bpb"] - s["bpb_min"]], [s["bpb_max"] - s["valid_bpb"]]]
-        ax.errorbar(s[key], s["valid_bpb"], yerr=err, fmt="o", capsize=3)
-        ax.annotate(s["run"], (s[key], s["valid_bpb"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel(label)
-    ax.set_ylabel("valid bpb (whole split)")
+      if s["base"] or s[x] is None or s[y] is None:
+        continue
+      err = lambda k: [[s[k] - s[f"{k}_min"]], [s[f"{k}_max"] - s[k]]]
+      ax.errorbar(s[x], s[y], xerr=err(x), yerr=err(y), fmt="o", capsize=3)
+      ax.annotate(s["run"], (s[x], s[y]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel(_LABELS.get(x) or headers.get(x, x))
+    ax.set_ylabel(_LABELS.get(y) or headers.get(y, y))
+    if x == "train_flops":
+      ax.set_xscale("log")
     ax.grid(alpha=0.3)
-  axes[0].set_xscale("log")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
   return True
 
 
+def _plan(experiment: Experiment, runs: list[Run], seeds: list[int] | None, root: str, steps: int | None
+          ) -> list[dict[str, Any]]:
+  """[{run, seed, workdir, overrides, steps, init_from, base}] in training order (a base before its users)."""
+  by_name = {r.name: r for r in experiment.runs}
+  bases = {r.init_from for r in experiment.runs if r.init_from}
+
+  def workdir(run: Run, seed: int) -> str:
+    return os.path.abspath(os.path.join(root, "runs", f"{run.name}_s{seed}"))
+
+  plan = []
+  for run in runs:
+    overrides = settings(experiment, run, steps)
+    for seed in seeds if seeds is not None and not run.seeds else (run.seeds or experiment.seeds):
+      init_from = ""
+      if run.init_from:
+        base = by_name[run.init_from]
+        init_from = workdir(base, seed if seed in (base.seeds or experiment.seeds) else
+                            (base.seeds or experiment.seeds)[0])
+      plan.append({"run": run, "seed": seed, "workdir": workdir(run, seed), "overrides": overrides,
+                   "steps": _steps(overrides), "init_from": init_from, "base": run.name in bases})
+  return plan
+
+
+def _measure(experiment: Experiment, plan: list[dict[str, Any]], rows: list[dict[str, Any]]) -> None:
+  """Adds experiment.measure's columns to the rows of every non-base run (one call, so one baseline)."""
+  module, name = experiment.measure.split(":")
+  measured = [(p, r) for p, r in zip(plan, rows) if not p["base"]]
+  print(f"measuring {len(measured)} runs ({experiment.measure})", flush=True)
+  values = getattr(importlib.import_module(module), name)([p["workdir"] for p, _ in measured])
+  for p, row in measured:
+    row.update(values[p["workdir"]])
+
+
 def main(argv: list[str] | None = None) -> int:
   args = _parse_args(argv)
   experiment = EXPERIMENTS[args.experiment]
-  seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(experiment.seeds)
+  seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
   runs = [r for r in experiment.runs if not args.runs or r.name in args.runs.split(",")]
   if args.runs and not runs:
     print(f"error: --runs matched none of {', '.join(r.name for r in experiment.runs)}.", file=sys.stderr)
     return 1
-  budget = _budget(experiment, args.steps)
-  steps = _steps(budget)
   root = os.path.join(args.out, args.experiment)
-  plan = [(run, seed, os.path.abspath(os.path.join(root, "runs", f"{run.name}_s{seed}")))
-          for run in runs for seed in seeds]
+  plan = _plan(experiment, runs, seeds, root, args.steps)
   if args.list:
-    for run, seed, workdir in plan:
-      print(" ".join(command(run, seed, workdir, budget)))
+    for p in plan:
+      print(" ".join(command(p["run"], p["seed"], p["workdir"], p["overrides"], p["init_from"])))
     return 0
   rows = []
-  for i, (run, seed, workdir) in enumerate(plan, 1):
+  for i, p in enumerate(plan, 1):
+    run, seed, workdir, steps = p["run"], p["seed"], p["workdir"], p["steps"]
     if final_eval(workdir, steps) is None:
+      if p["init_from"] and not os.path.exists(os.path.join(p["init_from"], "checkpoints")):
+        print(f"error: run {run.name} starts from {p['init_from']}, which is not trained; run the experiment "
+              f"with {run.init_from} in --runs first.", file=sys.stderr)
+        return 1
       print(f"[{i}/{len(plan)}] training {run.name} seed {seed} -> {workdir}", flush=True)
       resumed = os.path.exists(os.path.join(workdir, "metrics.jsonl"))
-      wall = train_once(run, seed, workdir, budget)
+      wall = train_once(command(run, seed, workdir, p["overrides"], p["init_from"]), workdir)
       if not resumed:  # a wall time only for a run done in one go
         with open(os.path.join(workdir, "runner.json"), "w") as f:
           json.dump({"wall_s": wall, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
@@ -362,12 +459,16 @@ def main(argv: list[str] | None = None) -> int:
     if experiment.task and task_result(workdir, experiment.task, steps) is None:
       print(f"    evaluate.py --tasks={experiment.task}", flush=True)
       evaluate_once(experiment, run, workdir)
-    rows.append(collect(run, seed, workdir, steps, experiment))
+    rows.append({**{k: 0.0 for k in experiment.zero_when_absent}, **collect(run, seed, workdir, steps, experiment),
+                 "base": p["base"]})
     print(f"    valid bpb {rows[-1]['valid_bpb']:.4f}" + (
         f", {experiment.task} accuracy {rows[-1]['accuracy']}" if experiment.task else ""), flush=True)
-  summary = summarize(rows)
+  if experiment.measure:
+    _measure(experiment, plan, rows)
+  summary = summarize(rows, experiment)
   with open(os.path.join(root, "results.json"), "w") as f:
-    json.dump({"experiment": args.experiment, "budget": budget, "rows": rows, "summary": summary}, f, indent=2)
+    json.dump({"experiment": args.experiment, "budget": list(experiment.budget), "rows": rows,
+               "summary": summary}, f, indent=2)
   with open(os.path.join(root, "results.csv"), "w", newline="") as f:
     flat = [{**{k: v for k, v in r.items() if k != "accuracy"},
              **{f"accuracy_{experiment.x}_{x}": a for x, a in r.get("accuracy", {}).items()}} for r in rows]
@@ -379,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     f.write(table)
   figure = f"{experiment.task}.png" if experiment.task else "bpb.png"
   plotted = (plot_task(experiment, summary, os.path.join(root, figure)) if experiment.task
-             else plot(summary, os.path.join(root, figure)))
+             else plot(experiment, summary, os.path.join(root, figure)))
   print(table)
   print(f"wrote {root}/results.{{json,csv,md}}" + (f" and {figure}" if plotted else " (no plot: matplotlib "
                                                                                     "missing)"))

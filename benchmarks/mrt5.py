@@ -15,6 +15,10 @@ Inputs are random byte ids 3..258 ending in EOS; decoder inputs have the span-co
 train.seq_len (data/span_corruption.py), so this is the paper's "one teacher-forced forward pass" (spec
 §3.7) at this codebase's sizes.
 
+`trained_runtime(workdirs)` times trained runs instead (the mrt5-deletion experiment of
+benchmarks/experiments.py): each run's own checkpoint on the same valid batches, MrT5 with its learned gate
+and hard deletion (the evaluation path), ByT5 as trained; rounds interleave the runs.
+
 Beside each measured decrease stand the expected one from MrT5's MACs count (spec §1.3, the authors'
 compute_savings): per layer, attention T d d 4 + T d T 2 and FFN T d_ff d 2, with d the attention inner
 dim (heads x head_dim) where it meets the attention (the projections are d_model x inner). The encoder is
@@ -28,6 +32,7 @@ the rows' capacity rounding is not counted: the expected column is the paper's f
 
 import datetime
 import functools
+import itertools
 import os
 import platform
 import statistics
@@ -41,9 +46,12 @@ import numpy as np
 
 from benchmarks import timing
 from configs import byt5_small
+from data import pipeline
 from data import span_corruption
 import models
+from training import checkpoint
 from training import cli
+from training import evaluation
 from training import runtime
 from training.errors import ConfigError
 
@@ -176,6 +184,97 @@ def _table(config: ml_collections.ConfigDict, batch: int, rows: list[dict]) -> l
   per_round = "; ".join(f"{r['name']} {' / '.join(f'{ms:.1f}' for ms in r['round_ms'])}" for r in rows)
   compile_s = ", ".join(f"{r['compile_s']:.1f}" for r in rows)
   return lines + ["", f"ms per round: {per_round}. Compile s per row: {compile_s}.", ""]
+
+
+def _restored_run(workdir: str, mesh) -> tuple[ml_collections.ConfigDict, nn.Module, object, str]:
+  """(config, module, params, gate) of a run's latest checkpoint; gate is "hard" when the run is MrT5 with
+  hard deletion at evaluation, else "none" (ByT5)."""
+  checkpointer = checkpoint.Checkpointer(workdir, read_only=True)
+  step = checkpointer.all_steps()[-1]
+  config = runtime.resolve_config(evaluation.load_run_config(workdir, checkpointer, step))
+  family = runtime.family(config)
+  params = evaluation.restore_params(family, config, checkpointer, step, mesh)
+  checkpointer.close()
+  gate = config.model.byt5.delete_gate
+  return config, family.module(), params, "hard" if gate.enabled and gate.hard_eval else "none"
+
+
+def _trained_cases(config: ml_collections.ConfigDict, module: nn.Module, params, gate: str,
+                   batches: list[dict]) -> list[dict]:
+  """One forward and one encoder case per batch: the run's evaluation forward (hard deletion with its gate
+  for MrT5) and its encoder alone at the capacity that the hard path picks for that batch."""
+  sizes = models.byt5.capacities(config.train.seq_len, config.model.byt5.delete_gate.capacity_buckets)
+  cases = []
+  for batch in batches:
+    inputs, decoder_inputs = batch["inputs"], batch["decoder_inputs"]
+    if gate == "hard":
+      kept = np.asarray(module.apply({"params": params}, inputs, method=models.byt5.ByT5.kept_counts))
+      capacity = next(c for c in sizes if c >= kept.max())
+      encoder = functools.partial(_encode, module, capacity=capacity)
+    else:
+      kept, capacity = np.sum(inputs != span_corruption.PAD_ID, axis=1), inputs.shape[1]
+      encoder = functools.partial(_encode, module, capacity=None)
+    real = np.sum(inputs != span_corruption.PAD_ID)
+    forward = functools.partial(_forward, module, hard=gate == "hard")
+    cases.append({"forward": _compiled(forward, params, inputs, decoder_inputs),
+                  "encoder": _compiled(encoder, params, inputs), "kept": int(kept.sum()), "real": int(real),
+                  "capacity": capacity})
+  return cases
+
+
+def _compiled(fn, *operands) -> tuple[jax.stages.Compiled, tuple]:
+  """(fn compiled for these operands, the operands): compiled once, timed in every round."""
+  return jax.jit(fn).lower(*operands).compile(), operands
+
+
+def _forward(module: nn.Module, params, inputs, decoder_inputs, *, hard: bool):
+  return module.apply({"params": params}, inputs, decoder_inputs, hard=hard)[0]
+
+
+def _encode(module: nn.Module, params, inputs, *, capacity: int | None):
+  return module.apply({"params": params}, inputs, capacity=capacity, method=models.byt5.ByT5.encode)[0]
+
+
+def trained_runtime(workdirs: list[str], *, num_batches: int = 2, rounds: int = 3, warmup: int = 1,
+                    repeats: int = 3) -> dict[str, dict]:
+  """{workdir: {"forward_ms", "encoder_ms", "forward_decrease", "encoder_decrease", "measured_deletion",
+  "capacity"}} for trained ByT5 / MrT5 runs.
+
+  Every run is timed on the same first `num_batches` batches of its valid split (span corruption, the
+  eval batch size): "forward_ms" is the evaluation forward (MrT5: gate, hard deletion into the bucket
+  capacity, later encoder layers and decoder), "encoder_ms" the encoder alone at the capacity that the
+  hard path picks per batch, each summed over the batches, median over `rounds` rounds that interleave the
+  runs (benchmarks/timing.py within a round). The decreases are against the mean of the gate-less (ByT5)
+  runs among `workdirs` (absent without one). "measured_deletion" is the hard-deleted fraction of the real
+  bytes of these batches.
+  """
+  checkpointer = checkpoint.Checkpointer(workdirs[0], read_only=True)
+  config = runtime.resolve_config(evaluation.load_run_config(workdirs[0], checkpointer,
+                                                             checkpointer.all_steps()[-1]))
+  checkpointer.close()
+  batches = list(itertools.islice(pipeline.eval_batches(
+      config.data, config.eval.split, seq_len=config.train.seq_len, batch_size=config.eval.batch_size,
+      max_batches=num_batches, batch_format="span_corruption"), num_batches))
+  times = {w: {"forward": [], "encoder": []} for w in workdirs}
+  with runtime.mesh_context(config) as mesh:
+    restored = {w: _restored_run(w, mesh) for w in workdirs}
+    gates = {w: restored[w][3] for w in workdirs}
+    cases = {w: _trained_cases(*restored[w], batches) for w in workdirs}
+    for _ in range(rounds):
+      for w in workdirs:
+        for kind in ("forward", "encoder"):
+          times[w][kind].append(sum(timing.measure(*case[kind], warmup=warmup, repeats=repeats)["ms"]
+                                    for case in cases[w]))
+  out = {w: {"forward_ms": statistics.median(times[w]["forward"]),
+             "encoder_ms": statistics.median(times[w]["encoder"]),
+             "measured_deletion": 1 - sum(c["kept"] for c in cases[w]) / sum(c["real"] for c in cases[w]),
+             "capacity": max(c["capacity"] for c in cases[w])} for w in workdirs}
+  baselines = [out[w] for w in workdirs if gates[w] == "none"]
+  for kind in ("forward", "encoder") if baselines else ():
+    base_ms = statistics.fmean(b[f"{kind}_ms"] for b in baselines)
+    for w in workdirs:
+      out[w][f"{kind}_decrease"] = 1 - out[w][f"{kind}_ms"] / base_ms
+  return out
 
 
 def config_path(argv: list[str]) -> str | None:

@@ -23,9 +23,12 @@ def _mib(stats: Any) -> float | None:
 
 def measure(fn: Callable[..., Any], operands: tuple, *, warmup: int = 1, repeats: int = 5,
             cell_seconds: float = 30.0) -> dict[str, Any]:
-  """{"ms": median ms, "runs": timed runs, "compile_s": s, "mib": XLA buffer estimate or None}."""
+  """{"ms": median ms, "runs": timed runs, "compile_s": s, "mib": XLA buffer estimate or None}.
+
+  `fn` may be compiled already (`jax.stages.Compiled`, e.g. timed in several rounds): compile_s is then 0.
+  """
   start = time.perf_counter()
-  compiled = jax.jit(fn).lower(*operands).compile()
+  compiled = fn if isinstance(fn, jax.stages.Compiled) else jax.jit(fn).lower(*operands).compile()
   compile_s = time.perf_counter() - start
   try:
     memory = _mib(compiled.memory_analysis())

@@ -58,7 +58,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.lr = 3e-3  # peak learning rate
   config.optimizer.warmup_steps = 50
-  config.optimizer.min_lr_ratio = 0.1  # cosine decays to lr * min_lr_ratio at train.steps
+  config.optimizer.schedule = "cosine"  # after the warmup: cosine | linear decay
+  config.optimizer.min_lr_ratio = 0.1  # the decay ends at lr * min_lr_ratio at train.steps
   config.optimizer.b1 = 0.9
   config.optimizer.b2 = 0.95
   config.optimizer.eps = 1e-8

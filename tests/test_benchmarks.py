@@ -97,7 +97,8 @@ def test_experiment_runner_trains_skips_finished_runs_and_writes_the_table(tmp_p
     assert (tmp_path / "hierarchical" / name).exists()
 
 
-@pytest.mark.parametrize("name", ["hierarchical", "lm-variants", "mqar-recall", "length-generalization"])
+@pytest.mark.parametrize("name", ["hierarchical", "lm-variants", "mqar-recall", "length-generalization",
+                                  "mrt5-deletion"])
 def test_every_experiment_run_is_a_config_that_resolves(name):
   """Each run's config file (with its argument) and overrides load and resolve, as train.py would."""
   from benchmarks import experiments
@@ -105,9 +106,25 @@ def test_every_experiment_run_is_a_config_that_resolves(name):
   from training import runtime
   experiment = experiments.EXPERIMENTS[name]
   for run in experiment.runs:
-    argv = ["train.py", f"--config={run.config}", *(f"--config.{o}" for o in (*experiment.budget, *run.overrides))]
-    config, _ = cli.parse(argv)
+    overrides = experiments.settings(experiment, run, None)
+    config, _ = cli.parse(["train.py", f"--config={run.config}", *(f"--config.{o}" for o in overrides)])
     runtime.family(runtime.resolve_config(config))  # the family accepts the model options
+    assert not run.init_from or run.init_from in [r.name for r in experiment.runs]
+
+
+def test_mrt5_deletion_plan_starts_every_continuation_from_the_one_base_run(tmp_path):
+  from benchmarks import experiments
+  experiment = experiments.EXPERIMENTS["mrt5-deletion"]
+  plan = experiments._plan(experiment, list(experiment.runs), None, str(tmp_path), None)
+  base = [p for p in plan if p["base"]]
+  assert [(p["run"].name, p["seed"], p["steps"]) for p in base] == [("byt5_base", 0, 1500)]
+  rest = [p for p in plan if not p["base"]]
+  assert len(rest) == 8 and {p["seed"] for p in rest} == {0, 1}
+  assert all(p["init_from"] == base[0]["workdir"] and p["steps"] == 300 for p in rest)
+  mrt5 = [p for p in rest if p["run"].name.startswith("mrt5")]
+  cmd = experiments.command(mrt5[0]["run"], 1, mrt5[0]["workdir"], mrt5[0]["overrides"], mrt5[0]["init_from"])
+  assert f"--config.train.init_from={base[0]['workdir']}" in cmd and "--config.optimizer.lr=1e-4" in cmd
+  assert "--config.model.byt5.delete_gate.target=0.3" in cmd
 
 
 @pytest.mark.slow

@@ -32,6 +32,8 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   if t.compute_dtype not in layers.DTYPES:
     raise ConfigError(f"train.compute_dtype must be one of {sorted(layers.DTYPES)}, got {t.compute_dtype!r}.")
   config.model.dtype = t.compute_dtype
+  if config.optimizer.get("schedule", "cosine") not in ("cosine", "linear"):
+    raise ConfigError(f"optimizer.schedule must be 'cosine' or 'linear', got {config.optimizer.schedule!r}.")
   profile = tuple(t.get("profile_steps", ()))
   if profile and not (len(profile) == 2 and all(isinstance(s, int) for s in profile)
                       and 1 <= profile[0] <= profile[1]):

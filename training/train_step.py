@@ -22,11 +22,20 @@ class TrainState:
 
 
 def learning_rate_schedule(opt_config: Any, total_steps: int) -> optax.Schedule:
-  """Linear warmup to optimizer.lr, then cosine decay to lr * min_lr_ratio at total_steps."""
+  """Linear warmup to optimizer.lr, then a decay to lr * min_lr_ratio at total_steps: cosine (the default)
+  or, with optimizer.schedule = "linear", linear (MrT5's continued training, spec §3.6)."""
   warmup = min(opt_config.warmup_steps, max(total_steps - 1, 0))
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=opt_config.lr, warmup_steps=warmup,
-      decay_steps=max(total_steps, warmup + 1), end_value=opt_config.lr * opt_config.min_lr_ratio)
+  end_value = opt_config.lr * opt_config.min_lr_ratio
+  kind = opt_config.get("schedule", "cosine")
+  if kind == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=opt_config.lr, warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1), end_value=end_value)
+  if kind == "linear":
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, opt_config.lr, warmup),
+         optax.linear_schedule(opt_config.lr, end_value, max(total_steps - warmup, 1))], [warmup])
+  raise ValueError(f"optimizer.schedule must be 'cosine' or 'linear', got {kind!r}.")
 
 
 def _decay_mask(params: Any) -> Any:

@@ -126,3 +126,11 @@ def test_mrt5_initialised_from_a_trained_byt5(tmp_path):
   line = next(line for line in out.splitlines() if line.startswith("initialised "))
   assert f"from {byt5_dir} (step 2)" in line
   assert all("delete_gate" in name for name in line.split("new: ")[1].split(", "))
+  # The mrt5-deletion experiment's runtime of trained runs: both checkpoints on the same valid batch.
+  from benchmarks import mrt5
+  timed = mrt5.trained_runtime([byt5_dir, mrt5_dir], num_batches=1, rounds=1, warmup=0, repeats=1)
+  byt5, gated = timed[byt5_dir], timed[mrt5_dir]
+  assert byt5["measured_deletion"] == 0 and byt5["capacity"] == 64 and byt5["encoder_decrease"] == 0
+  assert 0 <= gated["measured_deletion"] <= 1 and gated["capacity"] in (16, 32, 48, 64)
+  assert gated["forward_decrease"] == pytest.approx(1 - gated["forward_ms"] / byt5["forward_ms"])
+  assert all(t[k] > 0 for t in timed.values() for k in ("forward_ms", "encoder_ms"))

@@ -154,6 +154,25 @@ def test_schedule_warms_up_then_cosine_decays_to_min_lr():
   assert lr(130) == pytest.approx(1e-4, rel=1e-5)  # and it stays there
 
 
+@pytest.mark.parametrize("warmup", [0, 10])
+def test_linear_schedule_warms_up_then_decays_linearly_to_min_lr(warmup):
+  opt = _opt_config(lr=1e-3, warmup_steps=warmup, min_lr_ratio=0.0, schedule="linear")
+  schedule = ts.learning_rate_schedule(opt, total_steps=110)
+  lr = lambda step: float(schedule(step))
+  assert lr(0) == (0.0 if warmup else pytest.approx(1e-3, rel=1e-6))
+  assert lr(warmup) == pytest.approx(1e-3, rel=1e-6)
+  for step in (warmup + 25, warmup + 50, 110):
+    assert lr(step) == pytest.approx(1e-3 * (110 - step) / (110 - warmup), abs=1e-9)
+  assert lr(130) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_unknown_schedule_is_one_config_error():
+  config = tiny.get_config()
+  config.optimizer.schedule = "step"
+  with pytest.raises(ConfigError, match="optimizer.schedule must be 'cosine' or 'linear'"):
+    runtime.resolve_config(config)
+
+
 def test_schedule_clamps_warmup_longer_than_the_run():
   opt = _opt_config(lr=1e-3, warmup_steps=50, min_lr_ratio=0.1)
   schedule = ts.learning_rate_schedule(opt, total_steps=10)
