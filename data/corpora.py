@@ -78,6 +78,8 @@ _BUNDLED_EXCLUDED_DIRS = frozenset(
 
 # (data options that name the corpus, split) -> the open SplitStore (file handles, no data).
 _OPEN_SPLITS: dict[tuple[Any, ...], store_lib.SplitStore] = {}
+# The cache entry behind train, valid and test: discovered, stat'ed and opened once per process.
+_OPEN_ENTRIES: dict[tuple[Any, ...], tuple[Any, str, dict[str, Any]]] = {}
 
 
 class DataError(ValueError):
@@ -370,8 +372,11 @@ def open_split(data_config: Any, split: str, *, show_progress: bool = True) -> s
   """
   signature = _signature(data_config, split)
   if signature not in _OPEN_SPLITS:
-    plan = _plan(data_config, split)
-    directory, meta = _open_entry(data_config, plan, show_progress)
+    entry = (*signature[:-2], split == "all")
+    if split not in SPLITS or entry not in _OPEN_ENTRIES:
+      plan = _plan(data_config, split)
+      _OPEN_ENTRIES[entry] = (plan, *_open_entry(data_config, plan, show_progress))
+    plan, directory, meta = _OPEN_ENTRIES[entry]
     cap = signature[-1]
     opened = store_lib.SplitStore(directory, split, max_bytes=cap)
     if opened.num_bytes == 0:
@@ -379,6 +384,12 @@ def open_split(data_config: Any, split: str, *, show_progress: bool = True) -> s
                       + _empty_hint(plan, meta, split) + ".")
     _OPEN_SPLITS[signature] = opened
   return _OPEN_SPLITS[signature]
+
+
+def forget_opened() -> None:
+  """Drops the in-process memo of opened splits and entries (as a new process would start)."""
+  _OPEN_SPLITS.clear()
+  _OPEN_ENTRIES.clear()
 
 
 def prepare(data_config: Any, splits: Sequence[str] = _TRAIN_VALID_TEST, *, show_progress: bool = True) -> None:

@@ -18,7 +18,7 @@ Everything is read and checked before anything is written: a missing tensor, an 
 that config.json does not imply, an unsupported config and a WORKDIR that already holds a run are each one
 error sentence, and then nothing is written.
 
-Tensor names ([out, in] torch Linear layout) -> Flax params of models/byt5.py (all f32):
+Tensor names ([out, in] torch Linear layout) -> Flax params of models/byt5/ (all f32):
 
     shared.weight [V, D]                                  -> embed/embedding [V, D]
       (encoder./decoder.embed_tokens.weight, where saved, must equal it: HF ties all three)

@@ -23,7 +23,7 @@ on the name; it only calls the methods below. A family declares:
 
 How the planned families fit without touching the loop:
 
-  Encoder-decoder (ByT5 / MrT5, models/byt5.py): batch_format "span_corruption" (a new builder in
+  Encoder-decoder (ByT5 / MrT5, models/byt5/): batch_format "span_corruption" (a new builder in
     data/pipeline.py: {inputs [B, Ti], decoder_inputs [B, To], targets [B, To], weights}); `loss`
     runs encoder then decoder and adds MrT5's deletion regulariser as "aux_loss"; `generate` encodes the
     prompt once, keeps the encoder output and each layer's cross-attention K/V in the `cache` collection

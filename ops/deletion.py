@@ -1,6 +1,6 @@
 """MrT5's learned deletion (specs/token_free.md §3): the delete gate, deletion rates, the PI controller.
 
-Pure functions; models/byt5.py owns the gate's parameters and calls these.
+Pure functions; models/byt5/model.py owns the gate's parameters and calls these.
 """
 
 from typing import Any

@@ -139,14 +139,14 @@ def test_cache_is_built_once_reused_and_rebuilt_when_stale(tmp_path, capsys, mon
   docs = {s: corpora.load_documents(cfg, s) for s in ("train", "valid", "test")}
   assert builds == [("train", "valid", "test")]  # one pass writes all three splits
   (entry,) = _entries(cfg)
-  corpora._OPEN_SPLITS.clear()  # a new process
+  corpora.forget_opened()  # a new process
   assert {s: corpora.load_documents(cfg, s) for s in docs} == docs
   assert len(builds) == 1  # reused
   # An entry of another store format is detected and rebuilt, never read.
   meta_path = os.path.join(corpora.cache_root(cfg), entry, "meta.json")
   meta = json.load(open(meta_path))
   json.dump({**meta, "format_version": 0}, open(meta_path, "w"))
-  corpora._OPEN_SPLITS.clear()
+  corpora.forget_opened()
   assert corpora.load_documents(cfg, "valid") == docs["valid"]
   err = capsys.readouterr().err
   assert "written by byte-store format 0 and this code reads format 1; rebuilding it" in err
@@ -154,14 +154,14 @@ def test_cache_is_built_once_reused_and_rebuilt_when_stale(tmp_path, capsys, mon
   # A truncated bytes file is detected too.
   with open(os.path.join(corpora.cache_root(cfg), entry, "train.bytes"), "r+b") as f:
     f.truncate(10)
-  corpora._OPEN_SPLITS.clear()
+  corpora.forget_opened()
   assert corpora.load_documents(cfg, "train") == docs["train"]
   assert "wrong size" in capsys.readouterr().err
   # A changed source file is a new entry (its size and modification time are in the key).
   changed = root / "f00.txt"
   changed.write_bytes(b"new text")
   os.utime(changed, ns=(1, 1))
-  corpora._OPEN_SPLITS.clear()
+  corpora.forget_opened()
   all_docs = corpora.load_documents(cfg, "all")
   assert b"new text" in all_docs and len(all_docs) == 40
   assert len([e for e in _entries(cfg) if e.startswith("files-tvt")]) == 1

@@ -1,4 +1,4 @@
-"""ByT5 / MrT5 encoder-decoder (models/byt5.py): structure, masking, decoding and the delete gate."""
+"""ByT5 / MrT5 encoder-decoder (models/byt5/): structure, masking, decoding and the delete gate."""
 
 import flax.linen as nn
 import jax

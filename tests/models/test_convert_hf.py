@@ -89,7 +89,7 @@ def _write_hf(path, tensors, config):
 
 
 def _expected(t, mrt5=False):
-  """The Flax tree models/byt5.py uses, built by hand from HF's tensors (the brief's table)."""
+  """The Flax tree models/byt5/ uses, built by hand from HF's tensors (the brief's table)."""
   qkv = lambda w: w.T.reshape(D, H, DH)
   attention = lambda p: {"query": {"kernel": qkv(t[f"{p}.q.weight"])}, "key": {"kernel": qkv(t[f"{p}.k.weight"])},
                          "value": {"kernel": qkv(t[f"{p}.v.weight"])},
@@ -157,7 +157,7 @@ def _load_script(name):
 
 
 needs_byt5 = pytest.mark.skipif("byt5" not in models.family_names(),
-                                reason="models/byt5.py (model.name 'byt5') is not registered")
+                                reason="models/byt5/ (model.name 'byt5') is not registered")
 
 
 def test_every_byt5_tensor_lands_where_it_should(tmp_path):
