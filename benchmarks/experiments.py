@@ -6,6 +6,7 @@ sequence; skips the runs already finished; writes one results table (JSON, CSV, 
     python -m benchmarks.experiments hierarchical --list              # the runs and their commands only
     python -m benchmarks.experiments hierarchical --steps=40          # a quick smoke budget
     python -m benchmarks.experiments lm-variants                      # every mixer + hierarchical, 2 seeds
+    python -m benchmarks.experiments lm-variants-wall                 # the same at one wall-time budget
     python -m benchmarks.experiments mqar-recall                      # MQAR accuracy vs pairs per mixer
     python -m benchmarks.experiments length-generalization            # passkey accuracy at 1-16x training length
     python -m benchmarks.experiments mrt5-deletion                    # ByT5 vs MrT5 at 3 target deletion rates
@@ -77,6 +78,10 @@ class Experiment:
   columns: tuple[tuple[str, str, str], ...] = ()  # more table columns: (row key, header, format spec)
   plots: tuple[tuple[str, str], ...] = (("train_flops", "valid_bpb"), ("wall_s", "valid_bpb"))  # (x, y) panels
   zero_when_absent: tuple[str, ...] = ()  # row keys that are 0 for a run without them (ByT5 deletes nothing)
+  # (experiment, seconds): a wall-time budget. Each run trains for the steps that its own throughput in
+  # that experiment's run of the same name and seed (median logged training bytes/s) fills in `seconds` of
+  # training, so every run gets the same training time and a full learning-rate schedule.
+  wall_budget: tuple[str, float] | None = None
 
 
 # One Run per mixer on configs/mqar.py's 2-layer d_model 64 model: the same size and training for all (Cog
@@ -99,6 +104,8 @@ _HIERARCHICAL_RUNS = (
     Run("dynamic_pooling_learned", "configs/dynamic_pooling.py", ("model.hierarchical.boundaries=learned",)),
     Run("dynamic_pooling_entropy", "configs/dynamic_pooling.py", ("model.hierarchical.boundaries=entropy",)),
     *(Run(n, f"configs/{n}.py") for n in ("megabyte", "spacebyte", "hat", "lyt", "byte2word", "toucan")))
+_LM_VARIANT_RUNS = (Run("softmax", "configs/base.py"), *(Run(n, f"configs/{n}.py") for n in _MIXERS[1:]),
+                    *_HIERARCHICAL_RUNS)
 # 600 steps of 16 x 256 bytes: 2.46M training bytes, about 4-8 minutes a run on 2 cores.
 _BYTES_BUDGET = ("train.steps=600", "train.eval_every=0", "checkpoint.every=600")
 
@@ -123,9 +130,12 @@ EXPERIMENTS = {
     "lm-variants": Experiment(
         description="Every token mixer in the flat byte LM (configs/base.py with the mixer's config) and every "
                     "hierarchical config at one training budget (the same bytes seen) on the bundled corpus.",
-        runs=(Run("softmax", "configs/base.py"), *(Run(n, f"configs/{n}.py") for n in _MIXERS[1:]),
-              *_HIERARCHICAL_RUNS),
-        budget=_BYTES_BUDGET, seeds=(0, 1)),
+        runs=_LM_VARIANT_RUNS, budget=_BYTES_BUDGET, seeds=(0, 1)),
+    "lm-variants-wall": Experiment(
+        description="lm-variants at one wall-time budget instead of one byte budget: every mixer and "
+                    "hierarchical config trains for the steps that fill 180 s of training at the throughput "
+                    "of its own lm-variants run (same seed).",
+        runs=_LM_VARIANT_RUNS, budget=("train.eval_every=0",), seeds=(0, 1), wall_budget=("lm-variants", 180.0)),
     "mqar-recall": Experiment(
         description="MQAR recall accuracy against the number of key-value pairs for every mixer at the same "
                     "model size (configs/mqar.py: trained on 1-4 pairs; 8 or more pairs are never seen).",
@@ -404,8 +414,13 @@ def _plan(experiment: Experiment, runs: list[Run], seeds: list[int] | None, root
 
   plan = []
   for run in runs:
-    overrides = settings(experiment, run, steps)
     for seed in seeds if seeds is not None and not run.seeds else (run.seeds or experiment.seeds):
+      overrides = settings(experiment, run, steps)
+      if experiment.wall_budget and not steps:
+        source, seconds = experiment.wall_budget
+        fill = wall_budget_steps(os.path.join(os.path.dirname(root), source, "runs", f"{run.name}_s{seed}"),
+                                 seconds)
+        overrides += [f"train.steps={fill}", f"checkpoint.every={fill}"]
       init_from = ""
       if run.init_from:
         base = by_name[run.init_from]
@@ -414,6 +429,18 @@ def _plan(experiment: Experiment, runs: list[Run], seeds: list[int] | None, root
       plan.append({"run": run, "seed": seed, "workdir": workdir(run, seed), "overrides": overrides,
                    "steps": _steps(overrides), "init_from": init_from, "base": run.name in bases})
   return plan
+
+
+def wall_budget_steps(workdir: str, seconds: float) -> int:
+  """The steps that `seconds` of training take at the median training throughput that the finished run
+  in `workdir` logged (its tokens_per_s lines; bytes per step from its config.json)."""
+  rates = sorted(m["tokens_per_s"] for m in _metrics(workdir) if "tokens_per_s" in m)
+  if not rates or not os.path.exists(os.path.join(workdir, "config.json")):
+    raise RuntimeError(f"a wall-time budget needs the finished run {workdir} for its throughput; run that "
+                       "experiment first.")
+  with open(os.path.join(workdir, "config.json")) as f:
+    train = json.load(f)["train"]
+  return max(1, round(seconds * rates[len(rates) // 2] / (train["batch_size"] * train["seq_len"])))
 
 
 def _measure(experiment: Experiment, plan: list[dict[str, Any]], rows: list[dict[str, Any]]) -> None:
@@ -488,4 +515,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  try:
+    sys.exit(main())
+  except RuntimeError as e:  # a failed run or a missing prerequisite: one line, the log path in it
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)

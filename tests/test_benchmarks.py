@@ -97,8 +97,8 @@ def test_experiment_runner_trains_skips_finished_runs_and_writes_the_table(tmp_p
     assert (tmp_path / "hierarchical" / name).exists()
 
 
-@pytest.mark.parametrize("name", ["hierarchical", "lm-variants", "mqar-recall", "length-generalization",
-                                  "mrt5-deletion"])
+@pytest.mark.parametrize("name", ["hierarchical", "lm-variants", "lm-variants-wall", "mqar-recall",
+                                  "length-generalization", "mrt5-deletion"])
 def test_every_experiment_run_is_a_config_that_resolves(name):
   """Each run's config file (with its argument) and overrides load and resolve, as train.py would."""
   from benchmarks import experiments
@@ -140,3 +140,23 @@ def test_task_experiment_evaluates_each_run_and_tabulates_accuracy(tmp_path, cap
   again = capsys.readouterr().out
   assert "evaluate.py --tasks" not in again and again.count("finished, skipped") == 2
   assert "accuracy_num_pairs_16" in (tmp_path / "mqar-recall" / "results.csv").read_text()
+
+
+def test_wall_budget_gives_each_run_the_steps_its_own_throughput_fills(tmp_path):
+  """lm-variants-wall: steps = seconds x the median logged bytes/s of the same run in lm-variants / bytes per
+  step; a missing source run is one error naming it."""
+  from benchmarks import experiments
+  experiment = experiments.EXPERIMENTS["lm-variants-wall"]
+  runs = [r for r in experiment.runs if r.name in ("softmax", "spacebyte")]
+  for name, rates in (("softmax", [9000.0, 14000.0, 15000.0]), ("spacebyte", [5000.0, 7000.0, 8000.0])):
+    workdir = tmp_path / "lm-variants" / "runs" / f"{name}_s0"
+    workdir.mkdir(parents=True)
+    (workdir / "config.json").write_text('{"train": {"batch_size": 16, "seq_len": 256}}')
+    (workdir / "metrics.jsonl").write_text("".join(f'{{"step": {i}, "tokens_per_s": {r}}}\n'
+                                                   for i, r in enumerate(rates)))
+  plan = experiments._plan(experiment, runs, [0], str(tmp_path / "lm-variants-wall"), None)
+  assert [(p["run"].name, p["steps"]) for p in plan] == [("softmax", round(180 * 14000 / 4096)),
+                                                          ("spacebyte", round(180 * 7000 / 4096))]
+  assert f"checkpoint.every={plan[0]['steps']}" in plan[0]["overrides"]
+  with pytest.raises(RuntimeError, match="needs the finished run .*softmax_s1"):
+    experiments._plan(experiment, runs, [1], str(tmp_path / "lm-variants-wall"), None)
