@@ -203,13 +203,13 @@ def _trained_cases(config: ml_collections.ConfigDict, module: nn.Module, params,
                    batches: list[dict]) -> list[dict]:
   """One forward and one encoder case per batch: the run's evaluation forward (hard deletion with its gate
   for MrT5) and its encoder alone at the capacity that the hard path picks for that batch."""
-  sizes = models.byt5.capacities(config.train.seq_len, config.model.byt5.delete_gate.capacity_buckets)
   cases = []
   for batch in batches:
     inputs, decoder_inputs = batch["inputs"], batch["decoder_inputs"]
     if gate == "hard":
       kept = np.asarray(module.apply({"params": params}, inputs, method=models.byt5.ByT5.kept_counts))
-      capacity = next(c for c in sizes if c >= kept.max())
+      capacity = models.byt5.capacity_for(config.train.seq_len, config.model.byt5.delete_gate.capacity_buckets,
+                                          int(kept.max()))
       encoder = functools.partial(_encode, module, capacity=capacity)
     else:
       kept, capacity = np.sum(inputs != span_corruption.PAD_ID, axis=1), inputs.shape[1]

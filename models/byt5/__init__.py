@@ -36,14 +36,15 @@ import jax.numpy as jnp
 from models import decoding
 from models.byt5.model import ByT5, Attention, DecoderLayer, DeleteGate, Encoder, EncoderLayer, RelativeBias
 from models.byt5.options import (BUCKETS, BYT5_DEFAULTS, DELETE_GATE_DEFAULTS, EOS_ID, LOBEF_DEFAULTS, PAD_ID,
-                                 byt5_config, byt5_options, capacities, word_segments)
+                                 byt5_config, byt5_options, capacities, capacity_for,
+                                 word_segments)
 from models.family import ModelFamily, register_family
 from ops import deletion
 from ops import losses
 
 __all__ = ["BUCKETS", "BYT5_DEFAULTS", "DELETE_GATE_DEFAULTS", "EOS_ID", "LOBEF_DEFAULTS", "PAD_ID", "Attention",
            "ByT5", "ByT5Family", "DecoderLayer", "DeleteGate", "Encoder", "EncoderLayer", "RelativeBias",
-           "byt5_config", "byt5_options", "capacities", "word_segments", "z_loss_sum"]
+           "byt5_config", "byt5_options", "capacities", "capacity_for", "word_segments", "z_loss_sum"]
 
 
 def _sown_total(sown: Any, name: str) -> jax.Array:
@@ -180,8 +181,7 @@ class ByT5Family(ModelFamily):
     capacity = None
     if gate["enabled"] and gate["hard_eval"]:
       kept = int(jnp.max(_kept_counts(self.module(), params, prompt)))
-      sizes = capacities(prompt.shape[1], gate["capacity_buckets"])
-      capacity = next(c for c in sizes if c >= kept)
+      capacity = capacity_for(prompt.shape[1], gate["capacity_buckets"], kept)
     return _generate(self.module(), self.module(decode=True), params, prompt, rng, capacity=capacity,
                      max_new=max_new, temperature=float(temperature), top_k=int(top_k))
 

@@ -73,6 +73,11 @@ def capacities(length: int, buckets: int) -> tuple[int, ...]:
   return tuple(sorted({min(length, -(-(length * j // buckets) // 8) * 8) for j in range(1, buckets + 1)}))
 
 
+def capacity_for(length: int, buckets: int, kept: int) -> int:
+  """The smallest static capacity (`capacities`) that holds `kept` tokens: the one the hard path picks."""
+  return next(c for c in capacities(length, buckets) if c >= kept)
+
+
 def word_segments(ids: jax.Array) -> jax.Array:
   """LOBEF word fusion: segment ids [B, T] that change after every whitespace byte; 0 at padding.
 
