@@ -78,9 +78,10 @@ class Experiment:
   columns: tuple[tuple[str, str, str], ...] = ()  # more table columns: (row key, header, format spec)
   plots: tuple[tuple[str, str], ...] = (("train_flops", "valid_bpb"), ("wall_s", "valid_bpb"))  # (x, y) panels
   zero_when_absent: tuple[str, ...] = ()  # row keys that are 0 for a run without them (ByT5 deletes nothing)
-  # (experiment, seconds): a wall-time budget. Each run trains for the steps that its own throughput in
-  # that experiment's run of the same name and seed (median logged training bytes/s) fills in `seconds` of
-  # training, so every run gets the same training time and a full learning-rate schedule.
+  # (experiment, seconds): a wall-time budget. Every seed of a run trains for the steps that `seconds` of
+  # training take at that run's throughput in the source experiment: the highest of its seeds' median
+  # logged training bytes/s (a busy machine only slows a run down), so the seeds differ by seed alone and
+  # every learning-rate schedule completes.
   wall_budget: tuple[str, float] | None = None
 
 
@@ -418,8 +419,8 @@ def _plan(experiment: Experiment, runs: list[Run], seeds: list[int] | None, root
       overrides = settings(experiment, run, steps)
       if experiment.wall_budget and not steps:
         source, seconds = experiment.wall_budget
-        fill = wall_budget_steps(os.path.join(os.path.dirname(root), source, "runs", f"{run.name}_s{seed}"),
-                                 seconds)
+        fill = wall_budget_steps([os.path.join(os.path.dirname(root), source, "runs", f"{run.name}_s{s}")
+                                  for s in run.seeds or experiment.seeds], seconds)
         overrides += [f"train.steps={fill}", f"checkpoint.every={fill}"]
       init_from = ""
       if run.init_from:
@@ -431,16 +432,20 @@ def _plan(experiment: Experiment, runs: list[Run], seeds: list[int] | None, root
   return plan
 
 
-def wall_budget_steps(workdir: str, seconds: float) -> int:
-  """The steps that `seconds` of training take at the median training throughput that the finished run
-  in `workdir` logged (its tokens_per_s lines; bytes per step from its config.json)."""
-  rates = sorted(m["tokens_per_s"] for m in _metrics(workdir) if "tokens_per_s" in m)
-  if not rates or not os.path.exists(os.path.join(workdir, "config.json")):
-    raise RuntimeError(f"a wall-time budget needs the finished run {workdir} for its throughput; run that "
-                       "experiment first.")
-  with open(os.path.join(workdir, "config.json")) as f:
-    train = json.load(f)["train"]
-  return max(1, round(seconds * rates[len(rates) // 2] / (train["batch_size"] * train["seq_len"])))
+def wall_budget_steps(workdirs: list[str], seconds: float) -> int:
+  """The steps that `seconds` of training take at the highest of the median training throughputs that the
+  finished runs in `workdirs` (one config, several seeds) logged: their tokens_per_s lines, bytes per step
+  from config.json."""
+  medians = []
+  for workdir in workdirs:
+    rates = sorted(m["tokens_per_s"] for m in _metrics(workdir) if "tokens_per_s" in m)
+    if not rates or not os.path.exists(os.path.join(workdir, "config.json")):
+      raise RuntimeError(f"a wall-time budget needs the finished run {workdir} for its throughput; run that "
+                         "experiment first.")
+    with open(os.path.join(workdir, "config.json")) as f:
+      train = json.load(f)["train"]
+    medians.append(rates[len(rates) // 2] / (train["batch_size"] * train["seq_len"]))
+  return max(1, round(seconds * max(medians)))
 
 
 def _measure(experiment: Experiment, plan: list[dict[str, Any]], rows: list[dict[str, Any]]) -> None:

@@ -143,20 +143,23 @@ def test_task_experiment_evaluates_each_run_and_tabulates_accuracy(tmp_path, cap
 
 
 def test_wall_budget_gives_each_run_the_steps_its_own_throughput_fills(tmp_path):
-  """lm-variants-wall: steps = seconds x the median logged bytes/s of the same run in lm-variants / bytes per
-  step; a missing source run is one error naming it."""
+  """lm-variants-wall: steps = seconds x the highest per-seed median logged bytes/s of the same run in
+  lm-variants / bytes per step, the same for every seed; a missing source run is one error naming it."""
   from benchmarks import experiments
   experiment = experiments.EXPERIMENTS["lm-variants-wall"]
   runs = [r for r in experiment.runs if r.name in ("softmax", "spacebyte")]
-  for name, rates in (("softmax", [9000.0, 14000.0, 15000.0]), ("spacebyte", [5000.0, 7000.0, 8000.0])):
-    workdir = tmp_path / "lm-variants" / "runs" / f"{name}_s0"
+  for name, seed, rates in (("softmax", 0, [9000.0, 14000.0, 15000.0]), ("softmax", 1, [8000.0, 12000.0]),
+                            ("spacebyte", 0, [5000.0, 7000.0, 8000.0]), ("spacebyte", 1, [7500.0])):
+    workdir = tmp_path / "lm-variants" / "runs" / f"{name}_s{seed}"
     workdir.mkdir(parents=True)
     (workdir / "config.json").write_text('{"train": {"batch_size": 16, "seq_len": 256}}')
     (workdir / "metrics.jsonl").write_text("".join(f'{{"step": {i}, "tokens_per_s": {r}}}\n'
                                                    for i, r in enumerate(rates)))
-  plan = experiments._plan(experiment, runs, [0], str(tmp_path / "lm-variants-wall"), None)
-  assert [(p["run"].name, p["steps"]) for p in plan] == [("softmax", round(180 * 14000 / 4096)),
-                                                          ("spacebyte", round(180 * 7000 / 4096))]
+  plan = experiments._plan(experiment, runs, None, str(tmp_path / "lm-variants-wall"), None)
+  assert [(p["run"].name, p["seed"], p["steps"]) for p in plan] == [
+      ("softmax", 0, round(180 * 14000 / 4096)), ("softmax", 1, round(180 * 14000 / 4096)),
+      ("spacebyte", 0, round(180 * 7500 / 4096)), ("spacebyte", 1, round(180 * 7500 / 4096))]
   assert f"checkpoint.every={plan[0]['steps']}" in plan[0]["overrides"]
-  with pytest.raises(RuntimeError, match="needs the finished run .*softmax_s1"):
-    experiments._plan(experiment, runs, [1], str(tmp_path / "lm-variants-wall"), None)
+  (tmp_path / "lm-variants" / "runs" / "spacebyte_s1" / "metrics.jsonl").unlink()
+  with pytest.raises(RuntimeError, match="needs the finished run .*spacebyte_s1"):
+    experiments._plan(experiment, runs, None, str(tmp_path / "lm-variants-wall"), None)
