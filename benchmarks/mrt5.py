@@ -186,12 +186,18 @@ def _table(config: ml_collections.ConfigDict, batch: int, rows: list[dict]) -> l
   return lines + ["", f"ms per round: {per_round}. Compile s per row: {compile_s}.", ""]
 
 
-def _restored_run(workdir: str, mesh) -> tuple[ml_collections.ConfigDict, nn.Module, object, str]:
-  """(config, module, params, gate) of a run's latest checkpoint; gate is "hard" when the run is MrT5 with
-  hard deletion at evaluation, else "none" (ByT5)."""
+def _open_run(workdir: str) -> tuple[checkpoint.Checkpointer, int, ml_collections.ConfigDict]:
+  """(read-only checkpointer, latest step, resolved config) of a run directory."""
   checkpointer = checkpoint.Checkpointer(workdir, read_only=True)
   step = checkpointer.all_steps()[-1]
-  config = runtime.resolve_config(evaluation.load_run_config(workdir, checkpointer, step))
+  return checkpointer, step, runtime.resolve_config(evaluation.load_run_config(workdir, checkpointer, step))
+
+
+def _restored_run(opened: tuple[checkpoint.Checkpointer, int, ml_collections.ConfigDict], mesh
+                  ) -> tuple[ml_collections.ConfigDict, nn.Module, object, str]:
+  """(config, module, params, gate) of an opened run's latest checkpoint (the checkpointer is closed after);
+  gate is "hard" when the run is MrT5 with hard deletion at evaluation, else "none" (ByT5)."""
+  checkpointer, step, config = opened
   family = runtime.family(config)
   params = evaluation.restore_params(family, config, checkpointer, step, mesh)
   checkpointer.close()
@@ -248,16 +254,14 @@ def trained_runtime(workdirs: list[str], *, num_batches: int = 2, rounds: int = 
   runs among `workdirs` (absent without one). "measured_deletion" is the hard-deleted fraction of the real
   bytes of these batches.
   """
-  checkpointer = checkpoint.Checkpointer(workdirs[0], read_only=True)
-  config = runtime.resolve_config(evaluation.load_run_config(workdirs[0], checkpointer,
-                                                             checkpointer.all_steps()[-1]))
-  checkpointer.close()
+  opened = {w: _open_run(w) for w in workdirs}
+  config = opened[workdirs[0]][2]
   batches = list(itertools.islice(pipeline.eval_batches(
       config.data, config.eval.split, seq_len=config.train.seq_len, batch_size=config.eval.batch_size,
       max_batches=num_batches, batch_format="span_corruption"), num_batches))
   times = {w: {"forward": [], "encoder": []} for w in workdirs}
   with runtime.mesh_context(config) as mesh:
-    restored = {w: _restored_run(w, mesh) for w in workdirs}
+    restored = {w: _restored_run(opened[w], mesh) for w in workdirs}
     gates = {w: restored[w][3] for w in workdirs}
     cases = {w: _trained_cases(*restored[w], batches) for w in workdirs}
     for _ in range(rounds):

@@ -117,17 +117,28 @@ def test_bad_encoder_decoder_config_is_one_error_line_and_writes_nothing(tmp_pat
   assert not workdir.exists() or not any(workdir.iterdir())
 
 
-def test_mrt5_initialised_from_a_trained_byt5(tmp_path):
-  """train.init_from: MrT5 continues from ByT5 (spec §3.1, §3.6); only the gate is new."""
+def _byt5_and_its_mrt5(tmp_path) -> tuple[str, str, str]:
+  """A 2-step ByT5 and a 1-step MrT5 continued from it: (byt5 dir, mrt5 dir, MrT5's train.py stdout)."""
   byt5_dir, mrt5_dir = str(tmp_path / "byt5"), str(tmp_path / "mrt5")
   _train("byt5", byt5_dir, "--config.train.steps=2", "--config.checkpoint.every=2")
   out = _train("mrt5", mrt5_dir, "--config.train.steps=1", "--config.checkpoint.every=1",
                f"--config.train.init_from={byt5_dir}")
+  return byt5_dir, mrt5_dir, out
+
+
+def test_mrt5_initialised_from_a_trained_byt5(tmp_path):
+  """train.init_from: MrT5 continues from ByT5 (spec §3.1, §3.6); only the gate is new."""
+  byt5_dir, _, out = _byt5_and_its_mrt5(tmp_path)
   line = next(line for line in out.splitlines() if line.startswith("initialised "))
   assert f"from {byt5_dir} (step 2)" in line
   assert all("delete_gate" in name for name in line.split("new: ")[1].split(", "))
-  # The mrt5-deletion experiment's runtime of trained runs: both checkpoints on the same valid batch.
+
+
+@pytest.mark.slow
+def test_trained_runtime_times_byt5_and_mrt5_checkpoints_on_the_same_batch(tmp_path):
+  """The mrt5-deletion experiment's runtime of trained runs: both checkpoints on the same valid batch."""
   from benchmarks import mrt5
+  byt5_dir, mrt5_dir, _ = _byt5_and_its_mrt5(tmp_path)
   timed = mrt5.trained_runtime([byt5_dir, mrt5_dir], num_batches=1, rounds=1, warmup=0, repeats=1)
   byt5, gated = timed[byt5_dir], timed[mrt5_dir]
   assert byt5["measured_deletion"] == 0 and byt5["capacity"] == 64 and byt5["encoder_decrease"] == 0
