@@ -155,4 +155,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.mqar.batch_size = 32
   config.mqar.seed = 0
 
+  # evaluate.py --tasks=copy: teacher-forced accuracy on bytes that only copying predicts (passkey digits,
+  # a repeated random string); tells retrieval from a learned answer shape.
+  config.copy = ml_collections.ConfigDict()
+  config.copy.probes = ("passkey_repeat", "passkey_answer", "repeat_digits", "repeat_letters")  # table rows
+  config.copy.num_examples = 64  # rows per probe, at train.seq_len
+  config.copy.batch_size = 16
+  config.copy.seed = 0
+
   return config

@@ -1,4 +1,4 @@
-"""Synthetic tasks: passkey retrieval prompts and multi-query associative recall (MQAR) batches.
+"""Synthetic tasks: passkey retrieval prompts, multi-query associative recall (MQAR) and copy-probe batches.
 
 Pure numpy; every output is a deterministic function of its arguments (seed, example index), so any
 process can build any example on its own and a data iterator's state is one integer.
@@ -28,6 +28,14 @@ exactly where the target is a query's value (the input there is its key), 0 else
 P weighted. Unlike Zoology's generator the queries follow each other densely (no random gaps, no noise
 tokens) and each query's value is in the input, so the next query can condition on it. Chance accuracy for
 a model that only knows the value alphabet is 1 / 47.
+
+Copy probes (evaluate.py --tasks=copy): does a model copy what is in its context? Teacher-forced rows whose
+loss weight marks only bytes that are predictable by copying. "passkey_repeat" and "passkey_answer" are
+passkey training documents (passkey_document at the run's seq_len) scored on the key's five digits where the
+key line repeats it ("Remember it. K", about 20 bytes after the first K) and on the answer after the
+question. "repeat_digits" and "repeat_letters" are a random string of seq_len // 2 + 1 digits (letters
+a-z) written twice (cut to the window), scored on the second copy after its first byte: the repeated-random-tokens test of induction
+heads (Olsson et al. 2022). A model that copies nothing is at 1/10 (1/26 for letters).
 """
 
 from typing import Sequence
@@ -181,6 +189,13 @@ def mqar_batch(example_ids: np.ndarray, *, seed: int, num_pairs: int | Sequence[
     windows[r, :len(seq)] = seq + byte_vocab.BYTE_OFFSET
     answers[r, :len(seq)] = is_answer
     valid[r] = len(seq) - 1
+  return _scored_rows(windows, answers, valid)
+
+
+def _scored_rows(windows: np.ndarray, scored: np.ndarray, valid: np.ndarray) -> Batch:
+  """Language-model rows of id windows [b, L + 1] (PAD after the first valid[r] + 1 ids), loss weight 1 on
+  the targets where `scored` [b, L + 1] is True: inputs, targets, weights, segment_ids, positions."""
+  seq_len = windows.shape[1] - 1
   real = np.arange(seq_len)[None, :] < valid[:, None]
   inputs = np.where(real, windows[:, :-1], byte_vocab.PAD_ID)
   return {
@@ -188,5 +203,63 @@ def mqar_batch(example_ids: np.ndarray, *, seed: int, num_pairs: int | Sequence[
       "targets": windows[:, 1:].astype(np.int32),
       "segment_ids": real.astype(np.int32),
       "positions": np.where(real, np.arange(seq_len, dtype=np.int32)[None, :], 0).astype(np.int32),
-      "weights": answers[:, 1:].astype(np.float32),
+      "weights": (scored[:, 1:] & real).astype(np.float32),
   }
+
+
+# --- Copy probes -------------------------------------------------------------------------------------
+
+COPY_PROBES = {  # name -> the alphabet a model that copies nothing guesses from (chance = 1 / its size)
+    "passkey_repeat": b"0123456789",
+    "passkey_answer": b"0123456789",
+    "repeat_digits": b"0123456789",
+    "repeat_letters": b"abcdefghijklmnopqrstuvwxyz",
+}
+
+
+def _copy_probe_row(rng: np.random.Generator, probe: str, seq_len: int) -> tuple[bytes, np.ndarray]:
+  """(bytes of one row, bool [len] True on the bytes scored) of a copy probe."""
+  if probe in ("repeat_digits", "repeat_letters"):
+    half = seq_len // 2 + 1  # two copies fill the seq_len + 1 window (the second one cut short)
+    text = bytes(rng.choice(np.frombuffer(COPY_PROBES[probe], np.uint8), half)) * 2
+    scored = np.zeros(len(text), bool)
+    scored[half + 1:] = True  # the second copy's first byte is not predictable by copying
+    return text, scored
+  text = passkey_document(rng, seq_len)
+  key = str(first_key(text)).encode()
+  first = text.index(key)
+  start = text.index(key, first + len(key)) if probe == "passkey_repeat" else text.rindex(key)
+  scored = np.zeros(len(text), bool)
+  scored[start:start + len(key)] = True
+  return text, scored
+
+
+def first_key(document: bytes) -> int:
+  """The passkey K of a passkey prompt or document: the integer after the first "The pass key is "."""
+  return int(document.split(b"The pass key is ", 1)[1][:len(str(PASSKEY_MAX))])
+
+
+def copy_probe_batch(probe: str, example_ids: np.ndarray, *, seed: int, seq_len: int) -> Batch:
+  """Copy-probe rows (module docstring) for example_ids [b] -> Batch of [b, seq_len] arrays, keys as
+  mqar_batch's, weight 1 on the scored targets. Row i is a function of (probe, seed, i) only."""
+  if probe not in COPY_PROBES:
+    raise ValueError(f"unknown copy probe {probe!r}; expected one of {', '.join(COPY_PROBES)}.")
+  need = passkey_fixed_bytes() + passkey_document_max_bytes()
+  if probe.startswith("passkey") and seq_len < need:
+    raise ValueError(f"the passkey copy probes need seq_len >= {need} (the shortest passkey document), got "
+                     f"{seq_len}.")
+  example_ids = np.asarray(example_ids, np.int64).reshape(-1)
+  windows = np.full((len(example_ids), seq_len + 1), byte_vocab.PAD_ID, np.int32)
+  scored = np.zeros(windows.shape, bool)
+  valid = np.zeros(len(example_ids), np.int64)
+  for r, index in enumerate(example_ids):
+    rng = np.random.default_rng([_COPY_STREAM, list(COPY_PROBES).index(probe), int(seed), int(index)])
+    text, row_scored = _copy_probe_row(rng, probe, seq_len)
+    text, row_scored = text[:seq_len + 1], row_scored[:seq_len + 1]
+    windows[r, :len(text)] = byte_vocab.encode(text)
+    scored[r, :len(text)] = row_scored
+    valid[r] = len(text) - 1
+  return _scored_rows(windows, scored, valid)
+
+
+_COPY_STREAM = 5  # after MQAR_STREAMS' values: never the same generator as an MQAR example

@@ -143,7 +143,7 @@ class TransformerFamily(ModelFamily):
   """The decoder-only byte LM over packed byte windows (data/pipeline.py "causal_lm" batches)."""
 
   batch_format = "causal_lm"
-  eval_tasks = ("bpb", "generate", "passkey", "mqar")
+  eval_tasks = ("bpb", "generate", "passkey", "mqar", "copy")
 
   def __init__(self, config: Any):
     super().__init__(config)

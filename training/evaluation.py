@@ -35,7 +35,7 @@ def load_run_config(workdir: str, checkpointer: ckpt_lib.Checkpointer, step: int
 
 # Sections only evaluation reads: a run saved before one existed gets the current defaults, so its
 # `--<section>.*` overrides work too.
-_EVAL_SECTIONS = ("generate", "passkey", "mqar")
+_EVAL_SECTIONS = ("generate", "passkey", "mqar", "copy")
 
 
 def fill_eval_sections(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -158,3 +158,38 @@ def test_mqar_source_errors():
     pipeline.make_train_iterator(_mqar_data_config(num_pairs=(0,)), seq_len=64, global_batch_size=2, seed=0)
   with pytest.raises(corpora.DataError, match="is synthetic"):
     corpora.open_split(_mqar_data_config(), "train")
+
+
+@pytest.mark.parametrize("seq_len", [256, 300])
+def test_copy_probes_score_exactly_the_copied_bytes(seq_len):
+  """passkey_repeat / passkey_answer: the weights mark the key's five digits at its second occurrence / in
+  the answer; repeat_*: the second copy of the random string after its first byte."""
+  for probe in ("passkey_repeat", "passkey_answer"):
+    batch = synthetic.copy_probe_batch(probe, np.arange(6), seed=3, seq_len=seq_len)
+    for row in range(6):
+      real = batch["segment_ids"][row] > 0
+      text = byte_vocab.decode(batch["inputs"][row][real]) + byte_vocab.decode(batch["targets"][row][real][-1:])
+      key = str(synthetic.first_key(text.encode()))
+      scored = np.flatnonzero(batch["weights"][row])
+      assert byte_vocab.decode(batch["targets"][row][scored]) == key and np.all(np.diff(scored) == 1)
+      before = text[:scored[0] + 1]  # the target at input position t is text[t + 1]
+      assert before.endswith("Remember it. " if probe == "passkey_repeat" else "The pass key is ")
+      assert before.count(key) == (1 if probe == "passkey_repeat" else 2)
+  for probe, alphabet in (("repeat_digits", "0123456789"), ("repeat_letters", "abcdefghijklmnopqrstuvwxyz")):
+    batch = synthetic.copy_probe_batch(probe, np.arange(4), seed=3, seq_len=seq_len)
+    half = seq_len // 2 + 1
+    window = np.concatenate([batch["inputs"], batch["targets"][:, -1:]], axis=1)
+    assert np.array_equal(window[:, half:], window[:, :seq_len + 1 - half])
+    assert set(byte_vocab.decode(window[0])) <= set(alphabet)
+    assert np.array_equal(np.flatnonzero(batch["weights"][0]), np.arange(half, seq_len))
+    assert np.all(batch["segment_ids"] == 1)
+  rows_2_3 = synthetic.copy_probe_batch("repeat_letters", np.array([2, 3]), seed=3, seq_len=seq_len)
+  _equal_batches(rows_2_3, {k: v[2:4] for k, v in batch.items()})  # a row is a function of its index
+
+
+def test_copy_probe_errors():
+  with pytest.raises(ValueError, match="unknown copy probe 'nope'"):
+    synthetic.copy_probe_batch("nope", np.arange(2), seed=0, seq_len=256)
+  with pytest.raises(ValueError, match=r"need seq_len >= 254 .*got 128"):
+    synthetic.copy_probe_batch("passkey_answer", np.arange(2), seed=0, seq_len=128)
+  assert synthetic.copy_probe_batch("repeat_letters", np.arange(2), seed=0, seq_len=16)["inputs"].shape == (2, 16)

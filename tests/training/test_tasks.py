@@ -1,4 +1,4 @@
-"""The passkey and mqar evaluation tasks (training/tasks/{passkey,mqar}.py) on tiny models.
+"""The passkey, mqar and copy evaluation tasks (training/tasks/{passkey,mqar,copy_probes}.py) on tiny models.
 
 Every registered mixer runs both tasks end to end through the generic decode / forward paths; the scoring
 is checked against hand-made answers and a direct forward; a model trained on MQAR beats chance (slow).
@@ -35,6 +35,7 @@ def _run_config(mixer: str) -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict(model_testing.tiny_model_config(mixer, num_layers=1).to_dict())
   config.passkey.update(lengths=(2,), trials=3, batch_size=2, max_new_bytes=4)  # 2 batches, one padded
   config.mqar.update(num_pairs=(2, 8), num_examples=6, batch_size=4)
+  config.copy.update(probes=("repeat_digits", "repeat_letters"), num_examples=6, batch_size=4)
   return resolve_config(config)
 
 
@@ -72,6 +73,34 @@ def test_mqar_runs_for_every_mixer(mixer_run):
   for row in result["rows"]:
     assert 0.0 <= row["accuracy"] <= 1.0 and np.isfinite(row["loss_nats"]) and row["loss_nats"] > 0
   assert result["chance"] == pytest.approx(1 / 47)
+
+
+def test_copy_runs_for_every_mixer(mixer_run):
+  config, params = mixer_run
+  result = _run_task("copy", config, params)
+  half = SEQ_LEN // 2 + 1
+  assert [(r["probe"], r["examples"], r["scored"]) for r in result["rows"]] == [
+      ("repeat_digits", 6, 6 * (SEQ_LEN - half)), ("repeat_letters", 6, 6 * (SEQ_LEN - half))]
+  assert [r["chance"] for r in result["rows"]] == [pytest.approx(1 / 10), pytest.approx(1 / 26)]
+  assert all(0.0 <= r["accuracy"] <= 1.0 and np.isfinite(r["loss_nats"]) for r in result["rows"])
+
+
+def test_copy_accuracy_matches_a_direct_forward():
+  """Every probe (the passkey ones need seq_len >= 254) against argmax of one direct forward."""
+  config = _run_config("softmax")
+  config.train.seq_len = 256
+  config.copy.update(probes=tuple(synthetic.COPY_PROBES), num_examples=5, batch_size=4)
+  model = models.get_model(config.model)
+  params = model_testing.init_params(model, seed=2)
+  rows = _run_task("copy", config, params)["rows"]
+  assert [r["probe"] for r in rows] == list(synthetic.COPY_PROBES)
+  for row in rows:
+    batch = synthetic.copy_probe_batch(row["probe"], np.arange(5), seed=0, seq_len=256)
+    logits = np.asarray(model_testing.forward(model, params, batch["inputs"], batch["segment_ids"],
+                                              batch["positions"]))
+    marked = batch["weights"] > 0
+    assert row["scored"] == marked.sum() == (25 if row["probe"].startswith("passkey") else 5 * 127)
+    assert row["accuracy"] == pytest.approx((logits.argmax(-1) == batch["targets"])[marked].mean())
 
 
 def test_passkey_scoring_reads_the_first_integer(monkeypatch):
@@ -126,6 +155,12 @@ def test_task_option_errors():
     _run_task("mqar", config, None)
   assert mqar_task_lib.mqar_seq_len(0, 64, 8) == 64 and mqar_task_lib.mqar_seq_len(0, 64, 32) == 127
   assert mqar_task_lib.mqar_seq_len(200, 64, 8) == 200
+  config.copy.probes = ("passkey_answer",)  # seq_len 128 is shorter than a passkey document
+  with pytest.raises(ConfigError, match=r"copy.probes: the passkey copy probes need seq_len >= 254"):
+    _run_task("copy", config, None)
+  config.copy.probes = ("repeat", "repeat_digits")
+  with pytest.raises(ConfigError, match=r"copy.probes must be one or more of passkey_repeat, .*'repeat'"):
+    _run_task("copy", config, None)
 
 
 @pytest.mark.slow

@@ -46,4 +46,4 @@ def task_names() -> list[str]:
   return sorted(_TASKS)
 
 
-from training.tasks import bpb, generate, mqar, passkey  # noqa: E402,F401  (registration)
+from training.tasks import bpb, copy_probes, generate, mqar, passkey  # noqa: E402,F401  (registration)
