@@ -136,7 +136,8 @@ EXPERIMENTS = {
         description="lm-variants at one wall-time budget instead of one byte budget: every mixer and "
                     "hierarchical config trains for the steps that fill 180 s of training at the throughput "
                     "of its own lm-variants run (same seed).",
-        runs=_LM_VARIANT_RUNS, budget=("train.eval_every=0",), seeds=(0, 1), wall_budget=("lm-variants", 180.0)),
+        runs=_LM_VARIANT_RUNS, budget=("train.eval_every=0",), seeds=(0, 1), wall_budget=("lm-variants", 180.0),
+        columns=(("steps", "steps of 16 x 256 bytes", ".0f"),)),
     "mqar-recall": Experiment(
         description="MQAR recall accuracy against the number of key-value pairs for every mixer at the same "
                     "model size (configs/mqar.py: trained on 1-4 pairs; 8 or more pairs are never seen).",
