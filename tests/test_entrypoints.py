@@ -202,7 +202,7 @@ def test_evaluate_unknown_task_is_a_clear_error(workdir, evaluate, capsys):
       os.path.join(workdir, "eval")) else []
   assert evaluate.main(["evaluate.py", f"--workdir={workdir}", "--tasks=nosuch"]) == 1
   captured = capsys.readouterr()
-  assert captured.err.strip() == ("error: unknown evaluation task 'nosuch'; available: bpb, generate, mqar, "
+  assert captured.err.strip() == ("error: unknown evaluation task 'nosuch'; available: bpb, copy, generate, mqar, "
                                   "passkey.")
   assert "Traceback" not in captured.err
   after = sorted(os.listdir(os.path.join(workdir, "eval"))) if os.path.isdir(

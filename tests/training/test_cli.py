@@ -248,7 +248,7 @@ def test_unknown_override_key():
   assert _error(cli.apply_overrides, _saved(), ["--eval.splitt=test"]) == (
       f"unknown config key 'eval.splitt' (no 'splitt' under eval; valid there: {valid}).")
   assert _error(cli.apply_overrides, _saved(), ["--config.nosuch.x=1"]).startswith(
-      "unknown config key 'nosuch.x' (no 'nosuch' under the top level; valid there: checkpoint, data, ")
+      "unknown config key 'nosuch.x' (no 'nosuch' under the top level; valid there: checkpoint, copy, data, ")
 
 
 def test_evaluate_routes_dotted_flags_to_overrides():
