@@ -135,7 +135,7 @@ EXPERIMENTS = {
     "lm-variants-wall": Experiment(
         description="lm-variants at one wall-time budget instead of one byte budget: every mixer and "
                     "hierarchical config trains for the steps that fill 180 s of training at the throughput "
-                    "of its own lm-variants run (same seed).",
+                    "of its own lm-variants runs (the faster of its seeds).",
         runs=_LM_VARIANT_RUNS, budget=("train.eval_every=0",), seeds=(0, 1), wall_budget=("lm-variants", 180.0),
         columns=(("steps", "steps of 16 x 256 bytes", ".0f"),)),
     "mqar-recall": Experiment(

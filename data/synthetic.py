@@ -34,8 +34,9 @@ loss weight marks only bytes that are predictable by copying. "passkey_repeat" a
 passkey training documents (passkey_document at the run's seq_len) scored on the key's five digits where the
 key line repeats it ("Remember it. K", about 20 bytes after the first K) and on the answer after the
 question. "repeat_digits" and "repeat_letters" are a random string of seq_len // 2 + 1 digits (letters
-a-z) written twice (cut to the window), scored on the second copy after its first byte: the repeated-random-tokens test of induction
-heads (Olsson et al. 2022). A model that copies nothing is at 1/10 (1/26 for letters).
+a-z) written twice (cut to the window), scored on the second copy after its first byte: the
+repeated-random-tokens test of induction heads (Olsson et al. 2022). A model that copies nothing is at
+1/10 (1/26 for letters).
 """
 
 from typing import Sequence

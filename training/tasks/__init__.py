@@ -8,9 +8,12 @@ in eval/<task>_step<N>.json, so results on different data never replace each oth
 """
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
+import jax
 import ml_collections
+import numpy as np
 
 from models.family import ModelFamily
 
@@ -26,6 +29,28 @@ class EvalContext:
   step: int
   options: dict  # task options from the command line (split, prompt, ...)
   progress: bool = True  # show progress (process 0 only)
+
+  @functools.cached_property
+  def eval_counts(self) -> Callable:
+    """The family's jitted eval step (metric sums of one batch), compiled once per shape for this context."""
+    from training import train_step as ts
+    return jax.jit(lambda params, batch: ts.eval_step(params, batch, family=self.family))
+
+
+def scored_totals(ctx: EvalContext, make_batch: Callable[[np.ndarray], dict], num_examples: int,
+                  batch_size: int, bar: Any = None) -> dict[str, float]:
+  """Sums of "correct", "weight" and "nll" over examples 0..num_examples-1, in batches of batch_size rows
+  from make_batch(example ids); the last batch is padded to one shape with zero-weight rows."""
+  from training import sharding
+  sums = []
+  for start in range(0, num_examples, batch_size):
+    ids = start + np.arange(batch_size)
+    batch = make_batch(ids)
+    batch["weights"][ids >= num_examples] = 0.0
+    sums.append(ctx.eval_counts(ctx.params, sharding.global_batch(sharding.process_rows(batch), ctx.mesh)))
+    if bar is not None:
+      bar.update(min(batch_size, num_examples - start))
+  return {k: sum(float(s[k]) for s in jax.device_get(sums)) for k in ("correct", "weight", "nll")}
 
 
 def register_task(name: str):

@@ -6,14 +6,9 @@ task scores a whole greedy answer, this scores each copied byte. For each probe 
 probe, examples, scored (bytes), accuracy (argmax = target), chance (1 / the probe's alphabet), loss_nats.
 """
 
-import jax
-import numpy as np
-
 from data import synthetic
-from training import sharding
-from training import train_step as ts
 from training.errors import ConfigError
-from training.tasks import EvalContext, register_task
+from training.tasks import EvalContext, register_task, scored_totals
 
 
 def _options(ctx: EvalContext):
@@ -33,19 +28,15 @@ def _options(ctx: EvalContext):
 def copy_task(ctx: EvalContext) -> dict:
   c, probes = _options(ctx)
   seq_len, batch_size, num_examples = int(ctx.config.train.seq_len), int(c.batch_size), int(c.num_examples)
-  counts = jax.jit(lambda params, batch: ts.eval_step(params, batch, family=ctx.family))
   rows = []
   for probe in probes:
-    sums = []
-    for start in range(0, num_examples, batch_size):
-      ids = start + np.arange(batch_size)
+    def probe_batch(ids, probe=probe):
       try:
-        batch = synthetic.copy_probe_batch(probe, ids, seed=int(c.seed), seq_len=seq_len)
+        return synthetic.copy_probe_batch(probe, ids, seed=int(c.seed), seq_len=seq_len)
       except ValueError as e:
         raise ConfigError(f"copy.probes: {e}") from None
-      batch["weights"][ids >= num_examples] = 0.0  # the last batch is padded to one shape
-      sums.append(counts(ctx.params, sharding.global_batch(sharding.process_rows(batch), ctx.mesh)))
-    total = {k: sum(float(s[k]) for s in jax.device_get(sums)) for k in ("correct", "weight", "nll")}
+
+    total = scored_totals(ctx, probe_batch, num_examples, batch_size)
     rows.append({"probe": probe, "examples": num_examples, "scored": int(total["weight"]),
                  "accuracy": total["correct"] / total["weight"], "chance": 1 / len(synthetic.COPY_PROBES[probe]),
                  "loss_nats": total["nll"] / total["weight"]})

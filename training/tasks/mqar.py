@@ -7,15 +7,10 @@ that only knows the value alphabet. Rows: num_pairs, seq_len, examples, accuracy
 the values).
 """
 
-import jax
-import numpy as np
-
 from data import synthetic
 from training import metrics as metrics_lib
-from training import sharding
-from training import train_step as ts
 from training.errors import ConfigError
-from training.tasks import EvalContext, register_task
+from training.tasks import EvalContext, register_task, scored_totals
 
 
 def mqar_seq_len(requested: int, train_seq_len: int, num_pairs: int) -> int:
@@ -40,21 +35,15 @@ def _options(ctx: EvalContext):
 @register_task("mqar")
 def mqar_task(ctx: EvalContext) -> dict:
   m, pairs = _options(ctx)
-  counts = jax.jit(lambda params, batch: ts.eval_step(params, batch, family=ctx.family))
   batch_size, num_examples = int(m.batch_size), int(m.num_examples)
   rows = []
   with metrics_lib.progress(total=len(pairs) * num_examples, unit="example", desc="mqar",
                             enabled=ctx.progress) as bar:
     for p in pairs:
       seq_len = mqar_seq_len(m.seq_len, ctx.config.train.seq_len, p)
-      sums = []
-      for start in range(0, num_examples, batch_size):
-        ids = start + np.arange(batch_size)
-        batch = synthetic.mqar_batch(ids, seed=int(m.seed), num_pairs=p, seq_len=seq_len, stream="eval_task")
-        batch["weights"][ids >= num_examples] = 0.0  # the last batch is padded to one shape
-        sums.append(counts(ctx.params, sharding.global_batch(sharding.process_rows(batch), ctx.mesh)))
-        bar.update(min(batch_size, num_examples - start))
-      total = {k: sum(float(s[k]) for s in jax.device_get(sums)) for k in ("correct", "weight", "nll")}
+      total = scored_totals(ctx, lambda ids: synthetic.mqar_batch(ids, seed=int(m.seed), num_pairs=p,
+                                                                  seq_len=seq_len, stream="eval_task"),
+                            num_examples, batch_size, bar)
       rows.append({"num_pairs": p, "seq_len": seq_len, "examples": num_examples,
                    "accuracy": total["correct"] / total["weight"], "loss_nats": total["nll"] / total["weight"]})
   return {"rows": rows, "seed": int(m.seed), "chance": 1.0 / len(synthetic.MQAR_VALUE_BYTES),
