@@ -28,6 +28,12 @@ a `measure` (mrt5-deletion: runtime of the trained checkpoints) calls it once on
 training, so all of them are measured in one process against the same baseline; its values are columns of
 the table and may be plot axes (`Experiment.plots`).
 
+`--reuse=<results.json>[,...]` tabulates rows that an earlier sweep of the same experiment wrote (say the
+committed benchmarks/results/<experiment>/results.json) instead of retraining them, when their run
+directories are gone: a row counts as that run and seed finished when its config, overrides and steps are
+the planned ones. Under a wall-time budget the reused rows also fix each run's steps (so a new seed trains
+as long as the reused one) where the source experiment's run directories are gone too.
+
 An experiment with a `task` (mqar-recall) also runs `evaluate.py --tasks=<task>` on each finished run
 (output in eval.log; skipped when its eval/<task>_step<N>.json exists) and tabulates and plots that task's
 accuracy per x (e.g. the number of MQAR pairs) instead, mean and min - max over the seeds.
@@ -174,6 +180,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the experiment's)")
   p.add_argument("--runs", default=None, help="comma-separated run names to keep (default: all)")
   p.add_argument("--steps", type=int, default=None, help="override the budget's train.steps")
+  p.add_argument("--reuse", default=None, help="comma-separated results.json files of earlier sweeps of this "
+                 "experiment: their rows are tabulated, not retrained")
   p.add_argument("--list", action="store_true", help="print the runs and their commands; train nothing")
   return p.parse_args(argv)
 
@@ -407,9 +415,10 @@ def plot(experiment: Experiment, summary: list[dict[str, Any]], path: str) -> bo
   return True
 
 
-def _plan(experiment: Experiment, runs: list[Run], seeds: list[int] | None, root: str, steps: int | None
-          ) -> list[dict[str, Any]]:
-  """[{run, seed, workdir, overrides, steps, init_from, base}] in training order (a base before its users)."""
+def _plan(experiment: Experiment, runs: list[Run], seeds: list[int] | None, root: str, steps: int | None,
+          reused: list[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+  """[{run, seed, workdir, overrides, steps, init_from, base}] in training order (a base before its users).
+  Under a wall-time budget, a run with `reused` rows takes their steps."""
   by_name = {r.name: r for r in experiment.runs}
   bases = {r.init_from for r in experiment.runs if r.init_from}
 
@@ -422,7 +431,8 @@ def _plan(experiment: Experiment, runs: list[Run], seeds: list[int] | None, root
       overrides = settings(experiment, run, steps)
       if experiment.wall_budget and not steps:
         source, seconds = experiment.wall_budget
-        fill = wall_budget_steps([os.path.join(os.path.dirname(root), source, "runs", f"{run.name}_s{s}")
+        fill = next((r["steps"] for r in reused if r["run"] == run.name and r["config"] == run.config), None)
+        fill = fill or wall_budget_steps([os.path.join(os.path.dirname(root), source, "runs", f"{run.name}_s{s}")
                                   for s in run.seeds or experiment.seeds], seconds)
         overrides += [f"train.steps={fill}", f"checkpoint.every={fill}"]
       init_from = ""
@@ -451,6 +461,26 @@ def wall_budget_steps(workdirs: list[str], seconds: float) -> int:
   return max(1, round(seconds * max(medians)))
 
 
+def load_reused(paths: list[str], experiment_name: str) -> list[dict[str, Any]]:
+  """The rows of earlier results.json files of `experiment_name` (one error sentence for another's file)."""
+  rows = []
+  for path in paths:
+    with open(path) as f:
+      results = json.load(f)
+    if results.get("experiment") != experiment_name:
+      raise RuntimeError(f"--reuse file {path} holds experiment {results.get('experiment')!r}, not "
+                         f"{experiment_name!r}.")
+    rows += results["rows"]
+  return rows
+
+
+def reused_row(reused: list[dict[str, Any]], p: dict[str, Any]) -> dict[str, Any] | None:
+  """The reused row of a planned run and seed: the same config, own overrides and steps; else None."""
+  run = p["run"]
+  return next((r for r in reversed(reused) if (r["run"], r["seed"], r["config"], r["overrides"], r["steps"]) ==
+               (run.name, p["seed"], run.config, " ".join(run.overrides), p["steps"])), None)
+
+
 def _measure(experiment: Experiment, plan: list[dict[str, Any]], rows: list[dict[str, Any]]) -> None:
   """Adds experiment.measure's columns to the rows of every non-base run (one call, so one baseline)."""
   module, name = experiment.measure.split(":")
@@ -470,7 +500,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"error: --runs matched none of {', '.join(r.name for r in experiment.runs)}.", file=sys.stderr)
     return 1
   root = os.path.join(args.out, args.experiment)
-  plan = _plan(experiment, runs, seeds, root, args.steps)
+  reused = load_reused(args.reuse.split(","), args.experiment) if args.reuse else []
+  if reused and experiment.measure:
+    print(f"error: --reuse cannot be combined with {args.experiment}, which measures every trained checkpoint "
+          "in one process.", file=sys.stderr)
+    return 1
+  plan = _plan(experiment, runs, seeds, root, args.steps, reused)
   if args.list:
     for p in plan:
       print(" ".join(command(p["run"], p["seed"], p["workdir"], p["overrides"], p["init_from"])))
@@ -478,6 +513,11 @@ def main(argv: list[str] | None = None) -> int:
   rows = []
   for i, p in enumerate(plan, 1):
     run, seed, workdir, steps = p["run"], p["seed"], p["workdir"], p["steps"]
+    earlier = reused_row(reused, p) if final_eval(workdir, steps) is None else None
+    if earlier is not None:
+      print(f"[{i}/{len(plan)}] {run.name} seed {seed}: reused from an earlier results file", flush=True)
+      rows.append({**earlier, "base": p["base"]})
+      continue
     if final_eval(workdir, steps) is None:
       if p["init_from"] and not os.path.exists(os.path.join(p["init_from"], "checkpoints")):
         print(f"error: run {run.name} starts from {p['init_from']}, which is not trained; run the experiment "
@@ -501,6 +541,7 @@ def main(argv: list[str] | None = None) -> int:
   if experiment.measure:
     _measure(experiment, plan, rows)
   summary = summarize(rows, experiment)
+  os.makedirs(root, exist_ok=True)  # every row may be reused
   with open(os.path.join(root, "results.json"), "w") as f:
     json.dump({"experiment": args.experiment, "budget": list(experiment.budget), "rows": rows,
                "summary": summary}, f, indent=2)

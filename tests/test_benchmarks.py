@@ -163,3 +163,30 @@ def test_wall_budget_gives_each_run_the_steps_its_own_throughput_fills(tmp_path)
   (tmp_path / "lm-variants" / "runs" / "spacebyte_s1" / "metrics.jsonl").unlink()
   with pytest.raises(RuntimeError, match="needs the finished run .*spacebyte_s1"):
     experiments._plan(experiment, runs, None, str(tmp_path / "lm-variants-wall"), None)
+
+
+def test_reused_rows_are_tabulated_not_retrained_and_fix_a_wall_budget_s_steps(tmp_path, capsys):
+  """--reuse: an earlier results.json row with the planned config, overrides and steps stands for that run
+  and seed; under a wall-time budget its steps are every seed's when the source runs are gone."""
+  import json
+  from benchmarks import experiments
+  row = {"run": "flat", "seed": 0, "config": "configs/base.py", "overrides": "", "steps": 2, "bytes_seen": 8192,
+         "valid_bpb": 3.5, "gzip_bpb": 1.85, "xz_bpb": 1.6, "train_flops_per_byte": 1e7, "train_flops": 8e10,
+         "params": 1000, "wall_s": 9.0}
+  earlier = tmp_path / "earlier.json"
+  earlier.write_text(json.dumps({"experiment": "hierarchical", "rows": [row, {**row, "steps": 3}]}))
+  args = ["hierarchical", f"--out={tmp_path / 'out'}", "--runs=flat", "--steps=2", f"--reuse={earlier}"]
+  assert experiments.main(args) == 0
+  out = capsys.readouterr().out
+  assert "flat seed 0: reused" in out and "training flat" not in out and "| flat | 1 | 3.5000" in out
+  assert not (tmp_path / "out" / "hierarchical" / "runs").exists()
+  assert json.loads((tmp_path / "out" / "hierarchical" / "results.json").read_text())["rows"][0]["valid_bpb"] == 3.5
+  with pytest.raises(RuntimeError, match="holds experiment 'hierarchical', not 'mqar-recall'"):
+    experiments.main(["mqar-recall", f"--out={tmp_path / 'out'}", f"--reuse={earlier}"])
+
+  wall = experiments.EXPERIMENTS["lm-variants-wall"]
+  spacebyte = [r for r in wall.runs if r.name == "spacebyte"]
+  reused = [{**row, "run": "spacebyte", "config": "configs/spacebyte.py", "steps": 346}]
+  plan = experiments._plan(wall, spacebyte, None, str(tmp_path / "lm-variants-wall"), None, reused)
+  assert [(p["seed"], p["steps"]) for p in plan] == [(0, 346), (1, 346)]
+  assert experiments.reused_row(reused, plan[0]) is reused[0] and experiments.reused_row(reused, plan[1]) is None
