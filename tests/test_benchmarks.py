@@ -51,6 +51,7 @@ def test_mrt5_benchmark_reports_byt5_and_four_deletion_rates(capsys):
   assert "| 32.3% |" in report and "configs/mrt5.py" in report  # the paper's 50% beside the measurement
 
 
+@pytest.mark.slow
 def test_hierarchical_benchmark_reports_each_config_beside_the_flat_baseline(capsys):
   from benchmarks import hierarchical
   tiny = ["--config.train.batch_size=2", "--config.train.seq_len=32", "--config.model.d_model=32",

@@ -91,6 +91,7 @@ def evaluate(workdir: str, *, step: int | None = None, tasks: Sequence[str] = ("
     options["split"] = options.get("split") or "all"
   config.train.progress_bar = False
   config = runtime.resolve_config(config)
+  runtime.use_compilation_cache(config)
   distributed.check_same_config(config.to_dict())
   family = runtime.family(config)
   unsupported = [name for name in tasks if name not in family.eval_tasks]

@@ -181,6 +181,7 @@ def write_initial_run(config: ml_collections.ConfigDict, workdir: str, params: A
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns the final metrics."""
   config = runtime.resolve_config(config)
+  runtime.use_compilation_cache(config)
   is_main = jax.process_index() == 0
   config_dict = config.to_dict()
   distributed.check_same_config(config_dict)  # processes started with different commands: one line each

@@ -1,11 +1,13 @@
 """Setup shared by training (training/loop.py) and evaluation (training/evaluation.py).
 
 resolve_config checks and completes a run config; mesh_context makes the device mesh and the logical-axis
-rules current; abstract_params gives the parameters' shapes and shardings without allocating them (and
+rules current; use_compilation_cache points XLA's persistent compilation cache at the configured directory;
+abstract_params gives the parameters' shapes and shardings without allocating them (and
 without an optimizer); describe_run is the start line printed before compilation.
 """
 
 import contextlib
+import os
 from typing import Any, Iterator
 
 import flax.linen as nn
@@ -44,6 +46,26 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   _check_kernels_can_run(config.model)
   family(config)  # unknown family/mixer names and bad model options fail here, before any work
   return config
+
+
+DEFAULT_COMPILATION_CACHE = os.path.join("~", ".cache", "bytelab", "jax")
+
+
+def use_compilation_cache(config: ml_collections.ConfigDict) -> str:
+  """Points JAX's persistent compilation cache at train.compilation_cache_dir, so that a resumed,
+  repeated or evaluated run loads the programs an earlier process compiled (XLA keys them by program,
+  backend and flags). "" = $JAX_COMPILATION_CACHE_DIR when set, else ~/.cache/bytelab/jax; "off" disables
+  it. Call it before anything compiles: JAX reads the setting at its first compile. Returns the directory
+  ("" when off)."""
+  setting = str(config.train.get("compilation_cache_dir", "") or "")
+  if setting == "off":
+    jax.config.update("jax_enable_compilation_cache", False)
+    return ""
+  if not setting and os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return os.environ["JAX_COMPILATION_CACHE_DIR"]  # JAX applied it at import
+  directory = os.path.expanduser(setting or DEFAULT_COMPILATION_CACHE)
+  jax.config.update("jax_compilation_cache_dir", directory)
+  return directory
 
 
 def family(config: ml_collections.ConfigDict) -> models.ModelFamily:

@@ -89,15 +89,21 @@ def test_controller_moves_the_deletion_rate_toward_the_target(tmp_path):
   assert all(a < alphas[reached - 1] for a, rate in zip(alphas[reached:], rates[reached:]) if rate > 0.5)
 
 
-def test_byt5_trains_and_evaluates_bits_per_target_byte_and_generates(tmp_path):
-  workdir = str(tmp_path / "byt5")
+@pytest.fixture(scope="module")
+def byt5_run(tmp_path_factory):
+  """A 4-step ByT5 (checkpoint at step 4): evaluated below and the start of an MrT5 continuation."""
+  workdir = str(tmp_path_factory.mktemp("byt5") / "run")
   _train("byt5", workdir, "--config.train.steps=4", "--config.checkpoint.every=4")
-  _run("evaluate", f"--workdir={workdir}", "--tasks=bpb,generate", "--prompt=def main(",
+  return workdir
+
+
+def test_byt5_trains_and_evaluates_bits_per_target_byte_and_generates(byt5_run):
+  _run("evaluate", f"--workdir={byt5_run}", "--tasks=bpb,generate", "--prompt=def main(",
        "--generate.max_new_bytes=6")
-  with open(os.path.join(workdir, "eval", "bpb_step4.json")) as f:
+  with open(os.path.join(byt5_run, "eval", "bpb_step4.json")) as f:
     bpb = next(iter(json.load(f)["entries"].values()))["metrics"]
   assert bpb["bpb"] > 0 and bpb["bytes"] > 0 and bpb["special_targets"] > 0
-  with open(os.path.join(workdir, "eval", "generate_step4.json")) as f:
+  with open(os.path.join(byt5_run, "eval", "generate_step4.json")) as f:
     gen = next(iter(json.load(f)["entries"].values()))["metrics"]
   assert gen["prompt"] == "def main(" and isinstance(gen["completion"], str)
 
@@ -117,30 +123,29 @@ def test_bad_encoder_decoder_config_is_one_error_line_and_writes_nothing(tmp_pat
   assert not workdir.exists() or not any(workdir.iterdir())
 
 
-def _byt5_and_its_mrt5(tmp_path) -> tuple[str, str, str]:
-  """A 2-step ByT5 and a 1-step MrT5 continued from it: (byt5 dir, mrt5 dir, MrT5's train.py stdout)."""
-  byt5_dir, mrt5_dir = str(tmp_path / "byt5"), str(tmp_path / "mrt5")
-  _train("byt5", byt5_dir, "--config.train.steps=2", "--config.checkpoint.every=2")
+def _mrt5_from(byt5_dir, tmp_path) -> tuple[str, str]:
+  """A 1-step MrT5 continued from the ByT5 run: (mrt5 dir, its train.py stdout)."""
+  mrt5_dir = str(tmp_path / "mrt5")
   out = _train("mrt5", mrt5_dir, "--config.train.steps=1", "--config.checkpoint.every=1",
                f"--config.train.init_from={byt5_dir}")
-  return byt5_dir, mrt5_dir, out
+  return mrt5_dir, out
 
 
-def test_mrt5_initialised_from_a_trained_byt5(tmp_path):
+def test_mrt5_initialised_from_a_trained_byt5(byt5_run, tmp_path):
   """train.init_from: MrT5 continues from ByT5 (spec §3.1, §3.6); only the gate is new."""
-  byt5_dir, _, out = _byt5_and_its_mrt5(tmp_path)
+  _, out = _mrt5_from(byt5_run, tmp_path)
   line = next(line for line in out.splitlines() if line.startswith("initialised "))
-  assert f"from {byt5_dir} (step 2)" in line
+  assert f"from {byt5_run} (step 4)" in line
   assert all("delete_gate" in name for name in line.split("new: ")[1].split(", "))
 
 
 @pytest.mark.slow
-def test_trained_runtime_times_byt5_and_mrt5_checkpoints_on_the_same_batch(tmp_path):
+def test_trained_runtime_times_byt5_and_mrt5_checkpoints_on_the_same_batch(byt5_run, tmp_path):
   """The mrt5-deletion experiment's runtime of trained runs: both checkpoints on the same valid batch."""
   from benchmarks import mrt5
-  byt5_dir, mrt5_dir, _ = _byt5_and_its_mrt5(tmp_path)
-  timed = mrt5.trained_runtime([byt5_dir, mrt5_dir], num_batches=1, rounds=1, warmup=0, repeats=1)
-  byt5, gated = timed[byt5_dir], timed[mrt5_dir]
+  mrt5_dir, _ = _mrt5_from(byt5_run, tmp_path)
+  timed = mrt5.trained_runtime([byt5_run, mrt5_dir], num_batches=1, rounds=1, warmup=0, repeats=1)
+  byt5, gated = timed[byt5_run], timed[mrt5_dir]
   assert byt5["measured_deletion"] == 0 and byt5["capacity"] == 64 and byt5["encoder_decrease"] == 0
   assert 0 <= gated["measured_deletion"] <= 1 and gated["capacity"] in (16, 32, 48, 64)
   assert gated["forward_decrease"] == pytest.approx(1 - gated["forward_ms"] / byt5["forward_ms"])
