@@ -513,12 +513,13 @@ def main(argv: list[str] | None = None) -> int:
   rows = []
   for i, p in enumerate(plan, 1):
     run, seed, workdir, steps = p["run"], p["seed"], p["workdir"], p["steps"]
-    earlier = reused_row(reused, p) if final_eval(workdir, steps) is None else None
+    finished = final_eval(workdir, steps) is not None
+    earlier = None if finished else reused_row(reused, p)
     if earlier is not None:
       print(f"[{i}/{len(plan)}] {run.name} seed {seed}: reused from an earlier results file", flush=True)
       rows.append({**earlier, "base": p["base"]})
       continue
-    if final_eval(workdir, steps) is None:
+    if not finished:
       if p["init_from"] and not os.path.exists(os.path.join(p["init_from"], "checkpoints")):
         print(f"error: run {run.name} starts from {p['init_from']}, which is not trained; run the experiment "
               f"with {run.init_from} in --runs first.", file=sys.stderr)

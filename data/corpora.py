@@ -245,8 +245,14 @@ def cache_root(data_config: Any) -> str:
   configured = str(getattr(data_config, "cache_dir", "") or "") or os.environ.get("BYTELAB_DATA_CACHE", "")
   if configured:
     return os.path.abspath(os.path.expanduser(configured))
+  return user_cache_dir("data")
+
+
+def user_cache_dir(kind: str) -> str:
+  """bytelab's per-user cache directory for `kind`: $XDG_CACHE_HOME/bytelab/<kind>, else
+  ~/.cache/bytelab/<kind> (the byte-store cache here, XLA's compilation cache in training/runtime.py)."""
   base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return os.path.join(base, "bytelab", "data")
+  return os.path.join(base, "bytelab", kind)
 
 
 def _entry_directory(data_config: Any, plan: _Plan, key: dict[str, Any]) -> str:

@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 
 import models
+from data import corpora
 from models import layers
 from training import sharding
 from training.errors import ConfigError
@@ -48,22 +49,19 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   return config
 
 
-DEFAULT_COMPILATION_CACHE = os.path.join("~", ".cache", "bytelab", "jax")
-
-
 def use_compilation_cache(config: ml_collections.ConfigDict) -> str:
   """Points JAX's persistent compilation cache at train.compilation_cache_dir, so that a resumed,
   repeated or evaluated run loads the programs an earlier process compiled (XLA keys them by program,
-  backend and flags). "" = $JAX_COMPILATION_CACHE_DIR when set, else ~/.cache/bytelab/jax; "off" disables
-  it. Call it before anything compiles: JAX reads the setting at its first compile. Returns the directory
-  ("" when off)."""
+  backend and flags). "" = $JAX_COMPILATION_CACHE_DIR when set, else corpora.user_cache_dir("jax")
+  (~/.cache/bytelab/jax); "off" disables it. Call it before anything compiles: JAX reads the setting at
+  its first compile. Returns the directory ("" when off)."""
   setting = str(config.train.get("compilation_cache_dir", "") or "")
   if setting == "off":
     jax.config.update("jax_enable_compilation_cache", False)
     return ""
   if not setting and os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     return os.environ["JAX_COMPILATION_CACHE_DIR"]  # JAX applied it at import
-  directory = os.path.expanduser(setting or DEFAULT_COMPILATION_CACHE)
+  directory = os.path.expanduser(setting) if setting else corpora.user_cache_dir("jax")
   jax.config.update("jax_compilation_cache_dir", directory)
   return directory
 

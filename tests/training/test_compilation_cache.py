@@ -28,6 +28,7 @@ def test_setting_environment_default_and_off(tmp_path, monkeypatch, restored_jax
   assert jax.config.jax_compilation_cache_dir == str(tmp_path / "mine")
   monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
   monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
   default = os.path.join(str(tmp_path / "home"), ".cache", "bytelab", "jax")
   assert runtime.use_compilation_cache(_config("")) == default == jax.config.jax_compilation_cache_dir
   assert runtime.use_compilation_cache(_config("off")) == "" and not jax.config.jax_enable_compilation_cache
