@@ -261,7 +261,8 @@ def collect(run: Run, seed: int, workdir: str, steps: int, experiment: Experimen
   train = config["train"]
   bytes_seen = steps * train["batch_size"] * train["seq_len"]
   row = {"run": run.name, "seed": seed, "config": run.config, "overrides": " ".join(run.overrides),
-         "steps": steps, "bytes_seen": bytes_seen, "valid_bpb": result["eval/bpb"],
+         "steps": steps, "bytes_seen": bytes_seen, "compute_dtype": train["compute_dtype"],
+         "valid_bpb": result["eval/bpb"],
          "gzip_bpb": result.get("eval/gzip_bpb"), "xz_bpb": result.get("eval/xz_bpb"),
          "eval_bytes": result.get("eval/bytes"), "bytes_per_patch": result.get("eval/bytes_per_patch"),
          "train_flops_per_byte": compute.get("total"),

@@ -80,7 +80,19 @@ def top_ops(trace_dir: str, count: int, by=lambda name: name) -> list[tuple[str,
   return [(name, ns / 1e6, ns / all_ns) for name, ns in totals.most_common(count)]
 
 
-def run(config, fv) -> str:
+def _rest(ms: float) -> str:
+  """The step minus forward + backward. Below zero XLA has fused the update into the backward, which a
+  separately compiled value_and_grad (it must write every gradient out) cannot."""
+  return f"{ms:.1f} ms" if ms >= 0 else f"{ms:.1f} ms (the step is faster than value_and_grad alone)"
+
+
+def _shown_path(path: str) -> str:
+  """A config file as a report names it: relative to the repo when inside it."""
+  inside = os.path.abspath(path).startswith(cli.REPO_ROOT + os.sep)
+  return os.path.relpath(os.path.abspath(path), cli.REPO_ROOT) if inside else path
+
+
+def run(config, fv, config_file: str = cli.DEFAULT_CONFIG) -> str:
   config = runtime.resolve_config(config)
   t = config.train
   family = runtime.family(config)
@@ -125,7 +137,7 @@ def run(config, fv) -> str:
   model_rate = model_flops / step_s / 1e9
   device = jax.devices()[0]
   lines = [
-      f"# Train step: {fv['config'].value}",
+      f"# Train step: {_shown_path(config_file)}",
       "",
       f"{jax.device_count()} x {device.platform} ({device.device_kind}), jax {jax.__version__}; "
       f"{config.model.name}, {num_params:,} params, batch {t.batch_size} x {t.seq_len} bytes, "
@@ -137,7 +149,7 @@ def run(config, fv) -> str:
       f"{step['compile_s']:.1f} s) |",
       f"| forward (loss) | {fwd['ms']:.1f} ms |",
       f"| forward + backward | {fwd_bwd['ms']:.1f} ms (backward / forward {fwd_bwd['ms'] / fwd['ms'] - 1:.2f}) |",
-      f"| optimizer and the rest | {step['ms'] - fwd_bwd['ms']:.1f} ms |",
+      f"| optimizer and the rest | {_rest(step['ms'] - fwd_bwd['ms'])} |",
       f"| model FLOP/s (6 x params per byte: {model_flops / 1e9:.1f} GFLOP per step) | {model_rate:.1f} GFLOP/s |",
       f"| XLA cost-analysis FLOPs of the step | "
       f"{'n/a' if xla_flops is None else f'{xla_flops / 1e9:.1f} GFLOP ({xla_flops / step_s / 1e9:.1f} GFLOP/s)'} |",
@@ -160,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
 
   def body():
     config, fv = cli.parse(argv, _define_flags)
-    timing.emit(run(config, fv), fv["out"].value)
+    timing.emit(run(config, fv, cli.config_file(argv)), fv["out"].value)
 
   return cli.run_main(body)
 

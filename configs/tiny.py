@@ -14,7 +14,7 @@ def get_config():
   config.train.log_every = 5
   config.train.eval_every = 10
   config.train.progress_bar = False
-  config.train.compute_dtype = "float32"  # exact comparisons in the tests (the base default is bf16)
+  config.train.compute_dtype = "float32"  # exact comparisons in the tests (the base default is "auto")
   config.optimizer.warmup_steps = 5
   config.model.num_layers = 2
   config.model.d_model = 32

@@ -32,6 +32,7 @@ def test_train_step_benchmark_reports_the_split_rates_and_top_ops(repo_root, cap
   assert train_step.main(["train_step", f"--config={repo_root}/configs/tiny.py", "--repeats=1", "--warmup=1",
                           "--profile_steps=1", "--top_ops=3"]) == 0
   report = capsys.readouterr().out
+  assert report.startswith("# Train step: configs/tiny.py\n"), report[:200]
   for row in ("| train step (compiled) |", "| forward + backward |", "| model FLOP/s",
               "| matmul rate at [128, 32] x [32, 64] and back, f32 |", "| model FLOP/s / f32 matmul rate |"):
     assert row in report, report

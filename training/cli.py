@@ -122,16 +122,27 @@ def _parse_overrides(config: ml_collections.ConfigDict, argv: Sequence[str],
     raise ConfigError(f"invalid command line: {_first_line(e)}") from None
 
 
+def _split_config_file(argv: Sequence[str]) -> tuple[str, list[str]]:
+  """(the --config file, the rest of argv); absl reads --config in any spelling."""
+  scratch = flags.FlagValues()
+  flags.DEFINE_string("config", DEFAULT_CONFIG, "Experiment config file.", flag_values=scratch)
+  try:
+    rest = scratch(list(argv), known_only=True)
+  except flags.Error as e:
+    raise ConfigError(f"invalid command line: {_first_line(e)}") from None
+  return scratch["config"].value, rest
+
+
+def config_file(argv: Sequence[str]) -> str:
+  """The config file argv names with --config (configs/base.py when none), e.g. for a report's title."""
+  return _split_config_file(argv)[0]
+
+
 def parse(argv: Sequence[str], define_extra: Callable[[flags.FlagValues], None] | None = None
           ) -> tuple[ml_collections.ConfigDict, flags.FlagValues]:
   """Parses argv (argv[0] is the program) into (config, flag values) on a private FlagValues."""
-  scratch = flags.FlagValues()  # absl reads --config (any spelling); everything else is left in `argv`
-  flags.DEFINE_string("config", DEFAULT_CONFIG, "Experiment config file.", flag_values=scratch)
-  try:
-    argv = scratch(list(argv), known_only=True)
-  except flags.Error as e:
-    raise ConfigError(f"invalid command line: {_first_line(e)}") from None
-  config = _load_config_file(scratch["config"].value)
+  path, argv = _split_config_file(argv)
+  config = _load_config_file(path)
   flag_values = flags.FlagValues()
   if define_extra:
     define_extra(flag_values)

@@ -307,6 +307,20 @@ def test_train_steps_on_a_repeated_batch_reduce_the_loss(tiny_model):
   assert int(state.step) == 8
 
 
+def test_auto_compute_dtype_is_bf16_on_accelerators_and_amx_cpus_and_f32_elsewhere():
+  assert runtime.auto_compute_dtype("tpu") == runtime.auto_compute_dtype("gpu") == "bfloat16"
+  assert runtime.auto_compute_dtype("cpu", frozenset({"avx512f", "amx_tile", "amx_bf16"})) == "bfloat16"
+  assert runtime.auto_compute_dtype("cpu", frozenset({"avx2", "fma"})) == "float32"
+  assert runtime.auto_compute_dtype("cpu", frozenset()) == "float32"  # no /proc/cpuinfo (macOS)
+  config = _config()
+  config.train.compute_dtype = "auto"
+  resolved = runtime.resolve_config(config)  # the choice is written back, so config.json records it
+  assert resolved.train.compute_dtype == resolved.model.dtype == runtime.auto_compute_dtype()
+  config.train.compute_dtype = "bf16"
+  with pytest.raises(ConfigError, match="must be 'auto' or one of"):
+    runtime.resolve_config(config)
+
+
 def test_bf16_compute_trains_with_fp32_params():
   config = _config()
   config.train.compute_dtype = "bfloat16"
