@@ -114,7 +114,10 @@ _HIERARCHICAL_RUNS = (
 _LM_VARIANT_RUNS = (Run("softmax", "configs/base.py"), *(Run(n, f"configs/{n}.py") for n in _MIXERS[1:]),
                     *_HIERARCHICAL_RUNS)
 # 600 steps of 16 x 256 bytes: 2.46M training bytes, about 4-8 minutes a run on 2 cores.
-_BYTES_BUDGET = ("train.steps=600", "train.eval_every=0", "checkpoint.every=600")
+# The committed rows were trained with bf16 matmuls (on AMX, where "auto" picks them): pinned, so that a
+# rerun on a CPU without AMX trains the same recipe (slower) instead of switching to f32. MQAR is f32 (its config).
+_BF16 = "train.compute_dtype=bfloat16"
+_BYTES_BUDGET = ("train.steps=600", "train.eval_every=0", "checkpoint.every=600", _BF16)
 
 # MrT5 as its paper trains it (spec §3.6): a trained ByT5 continued with the new delete gate, AdamW lr 1e-4,
 # linear decay, no warmup; the ByT5 baseline continues the same way without the gate. softmax1 throughout
@@ -142,7 +145,7 @@ EXPERIMENTS = {
         description="lm-variants at one wall-time budget instead of one byte budget: every mixer and "
                     "hierarchical config trains for the steps that fill 180 s of training at the throughput "
                     "of its own lm-variants runs (the faster of its seeds).",
-        runs=_LM_VARIANT_RUNS, budget=("train.eval_every=0",), seeds=(0, 1), wall_budget=("lm-variants", 180.0),
+        runs=_LM_VARIANT_RUNS, budget=("train.eval_every=0", _BF16), seeds=(0, 1), wall_budget=("lm-variants", 180.0),
         columns=(("steps", "steps of 16 x 256 bytes", ".0f"),)),
     "mqar-recall": Experiment(
         description="MQAR recall accuracy against the number of key-value pairs for every mixer at the same "
@@ -156,13 +159,13 @@ EXPERIMENTS = {
                     "windows that each start with a passkey document and continue with bundled corpus text.",
         runs=_PASSKEY_RUNS,
         budget=("train.steps=2400", "train.seq_len=512", "train.batch_size=8", "data.passkey_fraction=1.0",
-                "train.eval_every=0", "checkpoint.every=2400"),
+                "train.eval_every=0", "checkpoint.every=2400", _BF16),
         seeds=(0, 1), task="passkey", task_args=("--passkey.lengths=1,2,4,8,16",), x="length_x_train"),
     "mrt5-deletion": Experiment(
         description="ByT5 and MrT5 at target deletion rates 0.3 / 0.5 / 0.7, each continued for 300 steps from "
                     "one ByT5 trained for 1500 steps (the paper's recipe, spec §3.6), span corruption on the "
                     "bundled corpus; runtime of the trained checkpoints on the same valid batches.",
-        runs=_MRT5_RUNS, budget=("train.eval_every=0",), seeds=(0, 1),
+        runs=_MRT5_RUNS, budget=("train.eval_every=0", _BF16), seeds=(0, 1),
         measure="benchmarks.mrt5:trained_runtime",
         columns=(("eval/deletion_rate", "deletion rate (valid, hard)", ".3f"),
                  ("eval/soft_bpb", "soft-deletion bpb", ".4f"),
