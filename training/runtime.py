@@ -55,9 +55,9 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 
 def auto_compute_dtype(backend: str | None = None, cpu_flags: frozenset[str] | None = None) -> str:
   """train.compute_dtype="auto": "bfloat16" on accelerators and on CPUs with AMX (XLA:CPU's bf16 matmul
-  runs there at about 5x its f32 rate), else "float32". Without AMX, e.g. AVX2-only x86 or Apple silicon,
-  bf16 matmuls are no faster than f32 (0.76x on a 2-core AVX2 EPYC) and the casts cost on top. Other
-  CPUs with native bf16 instructions (AVX512_BF16 alone, Arm BF16) are unmeasured here and get f32."""
+  runs there at about 5x its f32 rate), else "float32". Without AMX bf16 matmuls are slower than f32 (0.5-0.6x
+  on a 2-core AVX2 EPYC, whose whole step was 1.15-1.37x slower in bf16). CPUs with other bf16 instructions
+  (AVX512_BF16 alone, Arm BF16) are unmeasured here and get f32, as does a system without /proc/cpuinfo."""
   backend = backend or jax.default_backend()
   if backend != "cpu":
     return "bfloat16"
