@@ -151,13 +151,10 @@ def run(configs: dict[str, ml_collections.ConfigDict], fv: flags.FlagValues, com
   first = next(iter(configs.values()))
   with runtime.mesh_context(first) as mesh:  # every config has base.py's mesh and axis rules
     rows = {name: _prepare(config, mesh, fv["compression_batches"].value) for name, config in configs.items()}
-    for _ in range(max(fv["rounds"].value, 1)):
-      for row in rows.values():  # one round times every row in turn
-        timed = timing.measure(row["fn"], row["operands"], **timing_args)
-        row.setdefault("compile_s", timed["compile_s"])
-        row.setdefault("round_ms", []).append(timed["ms"])
-  for row in rows.values():
-    row["ms"] = statistics.median(row["round_ms"])
+    timed = timing.interleaved({name: (row["fn"], row["operands"]) for name, row in rows.items()},
+                               fv["rounds"].value, **timing_args)
+  for name, row in rows.items():
+    row.update(timed[name])
   flat = list(rows.values())[-1]
   t = first.train
   device = jax.devices()[0]

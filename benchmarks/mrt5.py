@@ -150,13 +150,10 @@ def _time_size(config: ml_collections.ConfigDict, batch: int, deletions: list[fl
   """The cases with "ms" (median over `rounds` of each round's median; the rounds interleave the rows, so
   a change of load on a shared machine falls on every row alike) and "compile_s" (of the first round)."""
   cases = _cases(config, batch, deletions)
-  for _ in range(rounds):
-    for case in cases:  # the compiled programs are cached after the first round
-      timed = timing.measure(case["fn"], case["operands"], **timing_args)
-      case.setdefault("compile_s", timed["compile_s"])
-      case.setdefault("round_ms", []).append(timed["ms"])
-  for case in cases:
-    case["ms"] = statistics.median(case["round_ms"])
+  timed = timing.interleaved({i: (case["fn"], case["operands"]) for i, case in enumerate(cases)}, rounds,
+                             **timing_args)
+  for i, case in enumerate(cases):
+    case.update(timed[i])
   return cases
 
 

@@ -46,6 +46,27 @@ def measure(fn: Callable[..., Any], operands: tuple, *, warmup: int = 1, repeats
           "mib": memory}
 
 
+def interleaved(cases: dict[Any, tuple[Callable[..., Any], tuple]], rounds: int,
+                **measure_args) -> dict[Any, dict[str, Any]]:
+  """`measure` every case once per round, the cases in turn, `rounds` times (at least once).
+
+  {name: {"ms": median over the rounds, "round_ms": each round's median, "compile_s": of the one compile}}.
+  On a shared machine whose speed drifts over minutes, a drift falls on every case alike, and ratios taken
+  within a round compare cases timed seconds apart.
+  """
+  compiled, out = {}, {}
+  for name, (fn, operands) in cases.items():
+    start = time.perf_counter()
+    compiled[name] = fn if isinstance(fn, jax.stages.Compiled) else jax.jit(fn).lower(*operands).compile()
+    out[name] = {"round_ms": [], "compile_s": time.perf_counter() - start}
+  for _ in range(max(rounds, 1)):
+    for name, (_, operands) in cases.items():
+      out[name]["round_ms"].append(measure(compiled[name], operands, **measure_args)["ms"])
+  for row in out.values():
+    row["ms"] = statistics.median(row["round_ms"])
+  return out
+
+
 def fmt(value: float | None, digits: int = 1) -> str:
   return "n/a" if value is None else f"{value:,.{digits}f}"
 

@@ -4,15 +4,16 @@
     python -m benchmarks.train_step --config=configs/base.py --config.train.compute_dtype=bfloat16
     python -m benchmarks.train_step --config=configs/tiny.py --repeats=3 --out=step.md
 
-For the config (any `--config.*` override applies) it reports, each a median after warm-up
-(benchmarks/timing.py):
+For the config (any `--config.*` override applies) it reports, each a median after warm-up over --rounds
+rounds that time the step, its parts and the matmuls in turn (benchmarks/timing.py `interleaved`):
   * the compiled train step (forward, backward, clipping, AdamW), the forward alone (the family's loss) and
     forward + backward (its value_and_grad): the forward / backward split;
   * model FLOP/s, counting 6 x params FLOPs per byte (the usual 2 forward + 4 backward per parameter, so
     attention scores and the embedding lookup are not counted; the tied output matmul is), and XLA's own
     FLOP count of the compiled step (cost analysis, all ops) beside it;
   * the matmul rate XLA reaches at the model's own matmul shapes ([B*T, d] x [d, mlp] and its transpose,
-    f32 and bf16), and the step's model FLOP/s as a fraction of the f32 (or, for bf16 compute, bf16) rate;
+    f32 and bf16), and the step's model FLOP/s as a fraction of the f32 rate (and, for bf16 compute, of
+    the bf16 rate), each ratio taken within a round and then the median, with the rounds' range;
   * the top ops of the compiled step by time, from a jax.profiler trace of --profile_steps steps (summed
     over the threads that ran each op; the trace stays in --trace_dir for TensorBoard's profile plugin or
     Perfetto).
@@ -22,6 +23,7 @@ import collections
 import glob
 import os
 import re
+import statistics
 import sys
 import tempfile
 
@@ -43,6 +45,8 @@ from training import train_step as ts
 def _define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer("warmup", 2, "untimed runs before timing", flag_values=fv)
   flags.DEFINE_integer("repeats", 5, "timed runs (median)", flag_values=fv)
+  flags.DEFINE_integer("rounds", 3, "rounds that time the step and the matmuls in turn (median of the rounds)",
+                       flag_values=fv)
   flags.DEFINE_integer("profile_steps", 3, "steps traced for the op breakdown (0: no trace)", flag_values=fv)
   flags.DEFINE_integer("top_ops", 12, "ops listed in the breakdown", flag_values=fv)
   flags.DEFINE_string("trace_dir", None, "where the trace is written (default: a temporary directory)",
@@ -50,12 +54,11 @@ def _define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string("out", None, "also write the markdown report to this path", flag_values=fv)
 
 
-def _matmul_rate(m: int, k: int, n: int, dtype, timing_args: dict) -> float:
-  """GFLOP/s of one [m, k] x [k, n] matmul in `dtype` (f32 accumulation for bf16, as the model's)."""
+def _matmul_case(m: int, k: int, n: int, dtype) -> tuple:
+  """(fn, operands) of one [m, k] x [k, n] matmul in `dtype` (f32 accumulation for bf16, as the model's)."""
   a = jnp.asarray(np.random.default_rng(0).standard_normal((m, k)), dtype)
   b = jnp.asarray(np.random.default_rng(1).standard_normal((k, n)), dtype)
-  fn = lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32)
-  return 2 * m * k * n / (timing.measure(fn, (a, b), **timing_args)["ms"] * 1e-3) / 1e9
+  return lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32), (a, b)
 
 
 def op_kind(name: str) -> str:
@@ -106,9 +109,15 @@ def run(config, fv, config_file: str = cli.DEFAULT_CONFIG) -> str:
     train_fn, _ = ts.make_step_fns(family, tx, schedule, t.grad_accum, seed=t.seed)
     forward = lambda p, b: family.loss(p, b)[0]
     forward_backward = jax.value_and_grad(forward)
-    step = timing.measure(train_fn, (state, batch), **timing_args)
-    fwd = timing.measure(forward, (state.params, batch), **timing_args)
-    fwd_bwd = timing.measure(forward_backward, (state.params, batch), **timing_args)
+    d, mlp = config.model.d_model, config.model.mlp_dim or layers.default_mlp_dim(config.model.d_model)
+    rows = t.batch_size * t.seq_len
+    cases = {"step": (train_fn, (state, batch)), "forward": (forward, (state.params, batch)),
+             "forward_backward": (forward_backward, (state.params, batch))}
+    for name, dtype in (("f32", jnp.float32), ("bf16", jnp.bfloat16)):
+      cases[f"{name} up"] = _matmul_case(rows, d, mlp, dtype)
+      cases[f"{name} down"] = _matmul_case(rows, mlp, d, dtype)
+    timed = timing.interleaved(cases, fv["rounds"].value, **timing_args)
+    step, fwd, fwd_bwd = timed["step"], timed["forward"], timed["forward_backward"]
     compiled = jax.jit(train_fn).lower(state, batch).compile()
     try:
       xla_flops = float(compiled.cost_analysis()["flops"])
@@ -126,22 +135,33 @@ def run(config, fv, config_file: str = cli.DEFAULT_CONFIG) -> str:
       kinds = top_ops(trace_dir, fv["top_ops"].value, by=op_kind)
 
   num_params = runtime.param_count(state.params)
-  bytes_per_step = t.batch_size * t.seq_len
+  bytes_per_step = rows
   model_flops = 6 * num_params * bytes_per_step
   step_s = step["ms"] * 1e-3
-  d, mlp = config.model.d_model, config.model.mlp_dim or layers.default_mlp_dim(config.model.d_model)
-  rows = bytes_per_step
-  rates = {name: (_matmul_rate(rows, d, mlp, dtype, timing_args) + _matmul_rate(rows, mlp, d, dtype, timing_args)) / 2
-           for name, dtype in (("f32", jnp.float32), ("bf16", jnp.bfloat16))}
+  matmul_flops = 2 * rows * d * mlp
+
+  def rate(name: str, i: int) -> float:  # GFLOP/s in round i: the mean rate of the two matmul shapes
+    return sum(matmul_flops / (timed[f"{name} {way}"]["round_ms"][i] * 1e-3) / 1e9 for way in ("up", "down")) / 2
+
+  num_rounds = len(step["round_ms"])
+  rates = {name: statistics.median(rate(name, i) for i in range(num_rounds)) for name in ("f32", "bf16")}
   compute = "bf16" if t.compute_dtype == "bfloat16" else "f32"
   model_rate = model_flops / step_s / 1e9
+  # The ratios are taken within each round (the step and the matmuls timed seconds apart), then the median.
+  ratios = {name: [model_flops / (step["round_ms"][i] * 1e-3) / 1e9 / rate(name, i) for i in range(num_rounds)]
+            for name in ("f32", "bf16")}
+
+  def ratio_cell(name: str) -> str:
+    spread = f" (rounds {min(ratios[name]):.2f} - {max(ratios[name]):.2f})" if num_rounds > 1 else ""
+    return f"{statistics.median(ratios[name]):.2f}{spread}"
   device = jax.devices()[0]
   lines = [
       f"# Train step: {_shown_path(config_file)}",
       "",
       f"{jax.device_count()} x {device.platform} ({device.device_kind}), jax {jax.__version__}; "
       f"{config.model.name}, {num_params:,} params, batch {t.batch_size} x {t.seq_len} bytes, "
-      f"compute {t.compute_dtype}; medians of {timing_args['repeats']} runs after {timing_args['warmup']} warm-up.",
+      f"compute {t.compute_dtype}; medians of {timing_args['repeats']} runs after {timing_args['warmup']} warm-up"
+      + (f", median over {num_rounds} rounds that time every row in turn." if num_rounds > 1 else "."),
       "",
       "| what | value |",
       "| --- | --- |",
@@ -155,7 +175,8 @@ def run(config, fv, config_file: str = cli.DEFAULT_CONFIG) -> str:
       f"{'n/a' if xla_flops is None else f'{xla_flops / 1e9:.1f} GFLOP ({xla_flops / step_s / 1e9:.1f} GFLOP/s)'} |",
       f"| matmul rate at [{rows}, {d}] x [{d}, {mlp}] and back, f32 | {rates['f32']:.1f} GFLOP/s |",
       f"| same, bf16 inputs, f32 accumulation | {rates['bf16']:.1f} GFLOP/s (bf16 / f32 {rates['bf16'] / rates['f32']:.2f}) |",
-      f"| model FLOP/s / {compute} matmul rate | {model_rate / rates[compute]:.2f} |",
+      f"| model FLOP/s / f32 matmul rate | {ratio_cell('f32')} |",
+      *([f"| model FLOP/s / bf16 matmul rate | {ratio_cell('bf16')} |"] if compute == "bf16" else []),
       "",
   ]
   if ops:

@@ -150,13 +150,18 @@ def rope(x: jax.Array, positions: jax.Array, theta: float = 10_000.0) -> jax.Arr
   """Rotary position embedding (Su et al. 2021, eq. 34), rotate-half layout.
 
   x [B, T, H, D] (D even), positions [B, T] int -> [B, T, H, D] in x.dtype. Angles in float32.
+
+  The sin/cos tables [B, T, 1, D/2] sit behind an optimization barrier: without it XLA:CPU fuses them into
+  every elementwise consumer (each half of q and k, forward and backward), evaluating sin and cos once per
+  element of [B, T, H, D/2] there, 8x per layer; with it they are computed once per call (and CSE'd
+  between q and k). Same values bit for bit.
   """
   d = x.shape[-1]
   if d % 2:
     raise ValueError(f"RoPE needs an even head_dim, got {d}.")
   inv_freq = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)  # [D/2]
   angles = positions.astype(jnp.float32)[:, :, None, None] * inv_freq  # [B, T, 1, D/2]
-  sin, cos = jnp.sin(angles), jnp.cos(angles)
+  sin, cos = jax.lax.optimization_barrier((jnp.sin(angles), jnp.cos(angles)))
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)

@@ -213,3 +213,13 @@ def test_rope_scores_depend_only_on_relative_position():
 def test_rope_rejects_odd_head_dim():
   with pytest.raises(ValueError, match="even head_dim"):
     layers.rope(jnp.zeros((1, 2, 1, 5)), jnp.zeros((1, 2), jnp.int32))
+
+
+def test_rope_tables_computed_once_for_q_and_k_forward_and_backward():
+  """Structural, not timed: the compiled gradient of RoPE on q and k evaluates one sine and one cosine
+  (XLA:CPU otherwise fuses them into each elementwise consumer, 8x per layer at [B, T, H, D/2])."""
+  q, k = _rope_inputs(4, (2, 16, 3, 8)), _rope_inputs(5, (2, 16, 3, 8))
+  positions = jnp.broadcast_to(jnp.arange(16, dtype=jnp.int32), (2, 16))
+  loss = lambda q, k: jnp.sum(layers.rope(q, positions) * layers.rope(k, positions))
+  hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(q, k).compile().as_text()
+  assert hlo.count(" sine(") == 1 and hlo.count(" cosine(") == 1
