@@ -99,7 +99,8 @@ def _rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   d = x.shape[-1]
   inv_freq = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
   angles = positions.astype(jnp.float32)[..., None] * inv_freq
-  sin, cos = jnp.sin(angles), jnp.cos(angles)
+  # Materialised once, not re-evaluated per element of x by each fusion (as layers.rope does).
+  sin, cos = jax.lax.optimization_barrier((jnp.sin(angles), jnp.cos(angles)))
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
