@@ -10,6 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ops import rope as rope_op
+
 # Logical axis names used on parameters and activations.
 BATCH = "batch"
 LENGTH = "activation_length"
@@ -147,24 +149,13 @@ def default_mlp_dim(d_model: int) -> int:
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float = 10_000.0) -> jax.Array:
-  """Rotary position embedding (Su et al. 2021, eq. 34), rotate-half layout.
+  """Rotary position embedding (Su et al. 2021, eq. 34), rotate-half layout (`ops.rope.rope`).
 
   x [B, T, H, D] (D even), positions [B, T] int -> [B, T, H, D] in x.dtype. Angles in float32.
-
-  The sin/cos tables [B, T, 1, D/2] sit behind an optimization barrier: without it XLA:CPU fuses them into
-  every elementwise consumer (each half of q and k, forward and backward), evaluating sin and cos once per
-  element of [B, T, H, D/2] there, 8x per layer; with it they are computed once per call (and CSE'd
-  between q and k). Same values bit for bit.
   """
-  d = x.shape[-1]
-  if d % 2:
-    raise ValueError(f"RoPE needs an even head_dim, got {d}.")
-  inv_freq = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)  # [D/2]
-  angles = positions.astype(jnp.float32)[:, :, None, None] * inv_freq  # [B, T, 1, D/2]
-  sin, cos = jax.lax.optimization_barrier((jnp.sin(angles), jnp.cos(angles)))
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x.dtype)
+  if x.shape[-1] % 2:
+    raise ValueError(f"RoPE needs an even head_dim, got {x.shape[-1]}.")
+  return rope_op.rope(x, positions[:, :, None], theta).astype(x.dtype)
 
 
 class Embed(nn.Module):

@@ -46,7 +46,7 @@ scores:
 Positions (RoPE, spec §2.4 "Stingy position mapping", paper §3.2.1):
   rope_theta=None: q and cache_k are used as given (the caller rotated them) and nothing is mapped.
   rope_theta set: q and cache_k are UNROTATED (keys cached before RoPE) and RoPE (rotate-half layout, as
-    `models/layers.py::rope`) is applied here. The query and the local window keep their true positions.
+    `ops.rope.rope`) is applied here. The query and the local window keep their true positions.
     stingy=False: every key at its true position.
     stingy=True: the mapping of epfml/landmark-attention `llama/llama_mem.py::LlamaAttention.forward`
     (commit 111ee30e: the `mem_freq is not None` branch, the lines computing `top_k = min(cache_top_k,
@@ -79,6 +79,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ops.rope import rope
 from ops.tiling import cdiv, round_up
 
 __all__ = ["retrieval_attention", "select_blocks", "stingy_landmark_positions", "stingy_block_starts",
@@ -89,20 +90,6 @@ GRANULARITIES = ("per_token_and_head", "max_over_heads", "max_over_tokens")
 # Finite stand-in for -inf inside maxima, so empty groups never give inf - inf = NaN.
 _MASK_VALUE = -1e30
 _HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def _rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Rotate-half RoPE as `models/layers.py::rope`, for any leading shape.
-
-  x [..., D] (D even), positions broadcastable to x.shape[:-1] (int) -> [..., D] float32.
-  """
-  d = x.shape[-1]
-  inv_freq = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq
-  # Materialised once, not re-evaluated per element of x by each fusion (as layers.rope does).
-  sin, cos = jax.lax.optimization_barrier((jnp.sin(angles), jnp.cos(angles)))
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
 def stingy_landmark_positions(num_memory_blocks: jax.Array, *, top_k: int, block_size: int,
@@ -210,12 +197,12 @@ def _select(q, cache_k, q_positions, *, block_size, top_k, local_blocks, granula
     logits = scores(qf, landmarks)
   else:
     true_pos = jnp.arange(num_blocks, dtype=jnp.int32) * block_size + block_size - 1
-    logits = scores(_rope(qf, q_positions[:, :, None], rope_theta),
-                    _rope(landmarks, true_pos[None, :, None], rope_theta))
+    logits = scores(rope(qf, q_positions[:, :, None], rope_theta),
+                    rope(landmarks, true_pos[None, :, None], rope_theta))
     if stingy:
       # Older landmarks all sit at one position P(m) per query: <R(p) q, R(P) k> = <R(p - P) q, k>.
       old_pos = (m - jnp.minimum(top_k, m) - 1) * block_size + block_size - 1  # [B, T]
-      logits_old = scores(_rope(qf, (q_positions - old_pos)[:, :, None], rope_theta), landmarks)
+      logits_old = scores(rope(qf, (q_positions - old_pos)[:, :, None], rope_theta), landmarks)
       is_old = jnp.arange(num_blocks) < (m - jnp.minimum(top_k, m))[:, :, None]  # [B, T, N]
       logits = jnp.where(is_old[:, :, None, :], logits_old, logits)
 
@@ -249,7 +236,7 @@ def _attend(q, cache_k, cache_v, q_positions, blocks, valid, *, block_size, top_
   bq = q_positions // lsz  # [B, T]
   m = _memory_counts(q_positions, lsz, local_blocks)
   qf = q.astype(jnp.float32)
-  q_att = qf if rope_theta is None else _rope(qf, q_positions[:, :, None], rope_theta)
+  q_att = qf if rope_theta is None else rope(qf, q_positions[:, :, None], rope_theta)
   slot = jnp.arange(lsz, dtype=jnp.int32)
   is_landmark_slot = slot == lsz - 1
 
@@ -266,7 +253,7 @@ def _attend(q, cache_k, cache_v, q_positions, blocks, valid, *, block_size, top_
   local_v = window(cache_v, start).astype(jnp.float32)
   local_pos = start[:, None] + jnp.arange(w, dtype=jnp.int32)  # [B, W]
   if rope_theta is not None:
-    local_k = _rope(local_k, local_pos[:, :, None], rope_theta)
+    local_k = rope(local_k, local_pos[:, :, None], rope_theta)
   s_loc = jnp.einsum("btkgd,bwkd->btkgw", q_att.reshape(b, t, hkv, g, d), local_k,
                      precision=_HIGHEST).reshape(b, t, h, w_blocks, lsz) * scale
   loc_block = (local_pos[:, ::lsz] // lsz)[:, None, :]  # [B, 1, Wb]
@@ -291,7 +278,7 @@ def _attend(q, cache_k, cache_v, q_positions, blocks, valid, *, block_size, top_
         starts = stingy_block_starts(blocks, m[:, :, None], top_k=top_k, block_size=lsz)
       else:
         starts = blocks * lsz
-      ret_k = _rope(ret_k, starts[..., None] + slot, rope_theta)
+      ret_k = rope(ret_k, starts[..., None] + slot, rope_theta)
     s_ret = jnp.einsum("bthd,bthkld->bthkl", q_att, ret_k, precision=_HIGHEST) * scale
     s_all = jnp.concatenate([s_ret, s_all], axis=3)
     earlier = jnp.concatenate([valid, earlier], axis=3)
