@@ -148,7 +148,7 @@ def _forward_kept(module: nn.Module, params, inputs, decoder_inputs, keep, *, ca
 def _time_size(config: ml_collections.ConfigDict, batch: int, deletions: list[float], rounds: int,
                timing_args: dict) -> list[dict]:
   """The cases with "ms" (median over `rounds` of each round's median; the rounds interleave the rows, so
-  a change of load on a shared machine falls on every row alike) and "compile_s" (of the first round)."""
+  a change of load on a shared machine falls on every row alike) and "compile_s" (`timing.interleaved`)."""
   cases = _cases(config, batch, deletions)
   timed = timing.interleaved({i: (case["fn"], case["operands"]) for i, case in enumerate(cases)}, rounds,
                              **timing_args)

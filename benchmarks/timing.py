@@ -50,7 +50,8 @@ def interleaved(cases: dict[Any, tuple[Callable[..., Any], tuple]], rounds: int,
                 **measure_args) -> dict[Any, dict[str, Any]]:
   """`measure` every case once per round, the cases in turn, `rounds` times (at least once).
 
-  {name: {"ms": median over the rounds, "round_ms": each round's median, "compile_s": of the one compile}}.
+  {name: {"ms": median over the rounds, "round_ms": each round's median, "compile_s": of the one compile,
+  "compiled": the compiled program, for callers that use it further (a trace, a cost analysis)}}.
   On a shared machine whose speed drifts over minutes, a drift falls on every case alike, and ratios taken
   within a round compare cases timed seconds apart.
   """
@@ -58,7 +59,7 @@ def interleaved(cases: dict[Any, tuple[Callable[..., Any], tuple]], rounds: int,
   for name, (fn, operands) in cases.items():
     start = time.perf_counter()
     compiled[name] = fn if isinstance(fn, jax.stages.Compiled) else jax.jit(fn).lower(*operands).compile()
-    out[name] = {"round_ms": [], "compile_s": time.perf_counter() - start}
+    out[name] = {"round_ms": [], "compile_s": time.perf_counter() - start, "compiled": compiled[name]}
   for _ in range(max(rounds, 1)):
     for name, (_, operands) in cases.items():
       out[name]["round_ms"].append(measure(compiled[name], operands, **measure_args)["ms"])

@@ -110,15 +110,15 @@ def run(config, fv, config_file: str = cli.DEFAULT_CONFIG) -> str:
     forward = lambda p, b: family.loss(p, b)[0]
     forward_backward = jax.value_and_grad(forward)
     d, mlp = config.model.d_model, config.model.mlp_dim or layers.default_mlp_dim(config.model.d_model)
-    rows = t.batch_size * t.seq_len
+    bytes_per_step = t.batch_size * t.seq_len  # also the matmuls' rows
     cases = {"step": (train_fn, (state, batch)), "forward": (forward, (state.params, batch)),
              "forward_backward": (forward_backward, (state.params, batch))}
     for name, dtype in (("f32", jnp.float32), ("bf16", jnp.bfloat16)):
-      cases[f"{name} up"] = _matmul_case(rows, d, mlp, dtype)
-      cases[f"{name} down"] = _matmul_case(rows, mlp, d, dtype)
+      cases[f"{name} up"] = _matmul_case(bytes_per_step, d, mlp, dtype)
+      cases[f"{name} down"] = _matmul_case(bytes_per_step, mlp, d, dtype)
     timed = timing.interleaved(cases, fv["rounds"].value, **timing_args)
     step, fwd, fwd_bwd = timed["step"], timed["forward"], timed["forward_backward"]
-    compiled = jax.jit(train_fn).lower(state, batch).compile()
+    compiled = step["compiled"]
     try:
       xla_flops = float(compiled.cost_analysis()["flops"])
     except Exception:  # noqa: BLE001 - not every backend reports a cost analysis
@@ -135,10 +135,9 @@ def run(config, fv, config_file: str = cli.DEFAULT_CONFIG) -> str:
       kinds = top_ops(trace_dir, fv["top_ops"].value, by=op_kind)
 
   num_params = runtime.param_count(state.params)
-  bytes_per_step = rows
   model_flops = 6 * num_params * bytes_per_step
   step_s = step["ms"] * 1e-3
-  matmul_flops = 2 * rows * d * mlp
+  matmul_flops = 2 * bytes_per_step * d * mlp
 
   def rate(name: str, i: int) -> float:  # GFLOP/s in round i: the mean rate of the two matmul shapes
     return sum(matmul_flops / (timed[f"{name} {way}"]["round_ms"][i] * 1e-3) / 1e9 for way in ("up", "down")) / 2
@@ -173,7 +172,7 @@ def run(config, fv, config_file: str = cli.DEFAULT_CONFIG) -> str:
       f"| model FLOP/s (6 x params per byte: {model_flops / 1e9:.1f} GFLOP per step) | {model_rate:.1f} GFLOP/s |",
       f"| XLA cost-analysis FLOPs of the step | "
       f"{'n/a' if xla_flops is None else f'{xla_flops / 1e9:.1f} GFLOP ({xla_flops / step_s / 1e9:.1f} GFLOP/s)'} |",
-      f"| matmul rate at [{rows}, {d}] x [{d}, {mlp}] and back, f32 | {rates['f32']:.1f} GFLOP/s |",
+      f"| matmul rate at [{bytes_per_step}, {d}] x [{d}, {mlp}] and back, f32 | {rates['f32']:.1f} GFLOP/s |",
       f"| same, bf16 inputs, f32 accumulation | {rates['bf16']:.1f} GFLOP/s (bf16 / f32 {rates['bf16'] / rates['f32']:.2f}) |",
       f"| model FLOP/s / f32 matmul rate | {ratio_cell('f32')} |",
       *([f"| model FLOP/s / bf16 matmul rate | {ratio_cell('bf16')} |"] if compute == "bf16" else []),
