@@ -16,6 +16,7 @@ import sys
 from absl import flags
 
 from training import cli
+from training import host_allocator
 from training.errors import ConfigError
 
 
@@ -66,4 +67,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+  host_allocator.reexec_if_needed()
   sys.exit(main())

@@ -12,6 +12,7 @@ import sys
 from absl import flags
 
 from training import cli
+from training import host_allocator
 
 
 def _define_flags(flag_values: flags.FlagValues) -> None:
@@ -32,4 +33,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+  host_allocator.reexec_if_needed()
   sys.exit(main())

@@ -31,6 +31,7 @@ from benchmarks import timing
 from data import corpora
 from models import decoding
 from training import cli
+from training import host_allocator
 from training import runtime
 from training import train_step as ts
 
@@ -84,4 +85,5 @@ def _run(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  host_allocator.reexec_if_needed()
   sys.exit(main())

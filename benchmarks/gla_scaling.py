@@ -30,6 +30,7 @@ import numpy as np
 from benchmarks import timing
 from ops.attention import attention
 from ops.gla import gla
+from training import host_allocator
 
 OPS = ("chunked", "recurrent", "softmax")
 DEFAULT_TS = (512, 1024, 2048, 4096, 8192)
@@ -163,4 +164,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+  host_allocator.reexec_if_needed()
   main()

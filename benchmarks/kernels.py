@@ -39,6 +39,7 @@ from benchmarks import timing
 from ops.attention import attention
 from ops.gla import gla
 from ops.landmark import landmark_attention
+from training import host_allocator
 
 OPS = ("attention", "gla", "landmark")
 DEFAULT_TS = "1024,2048,4096,8192,16384"
@@ -272,4 +273,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+  host_allocator.reexec_if_needed()
   main()

@@ -51,6 +51,7 @@ from data import span_corruption
 import models
 from training import checkpoint
 from training import cli
+from training import host_allocator
 from training import evaluation
 from training import runtime
 from training.errors import ConfigError
@@ -348,4 +349,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+  host_allocator.reexec_if_needed()
   sys.exit(main())

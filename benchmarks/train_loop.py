@@ -24,6 +24,7 @@ import time
 import jax
 
 from benchmarks import timing
+from training import host_allocator
 from training import loop
 
 
@@ -95,4 +96,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+  host_allocator.reexec_if_needed()
   main()

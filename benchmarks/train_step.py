@@ -37,6 +37,7 @@ from benchmarks import timing
 from data import pipeline
 from models import layers
 from training import cli
+from training import host_allocator
 from training import runtime
 from training import sharding
 from training import train_step as ts
@@ -198,4 +199,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+  host_allocator.reexec_if_needed()
   sys.exit(main())

@@ -108,7 +108,7 @@ def test_rerun_of_a_finished_run_adds_no_metrics_and_says_what_it_runs(workdir, 
   out = capsys.readouterr().out
   start = out.splitlines()[0]  # printed before anything compiles
   assert start.startswith(f"run {workdir}: transformer (") and start.endswith("compiling...")
-  for part in (" params, float32)", "cpu device(s) in 1 process(es), mesh data ", "data bundled: train "):
+  for part in (" params, float32)", "cpu device(s) in 1 process(es) (", "), mesh data ", "data bundled: train "):
     assert part in start, start
   assert f"resumed from the checkpoint at step {STEPS}" in out
   final = out.strip().splitlines()[-1]

@@ -18,6 +18,7 @@ import numpy as np
 import models
 from data import corpora
 from models import layers
+from training import host_allocator
 from training import sharding
 from training.errors import ConfigError
 
@@ -161,6 +162,8 @@ def describe_run(workdir: str, config: ml_collections.ConfigDict, mesh: jax.shar
   devices = jax.devices()
   mesh_text = " x ".join(f"{name} {size}" for name, size in mesh.shape.items())
   data_text = ", ".join(f"{split} {'synthetic' if n is None else f'{n:,} B'}" for split, n in split_bytes.items())
+  # On CPU the host allocator is the device allocator, and it sets the step time (training/host_allocator.py).
+  host = f" ({host_allocator.active()})" if devices[0].platform == "cpu" else ""
   return (f"run {workdir}: {config.model.name} ({num_params:,} params, {config.train.compute_dtype}); "
-          f"{len(devices)} {devices[0].platform} device(s) in {jax.process_count()} process(es), mesh "
+          f"{len(devices)} {devices[0].platform} device(s) in {jax.process_count()} process(es){host}, mesh "
           f"{mesh_text}; data {config.data.source}: {data_text}; compiling...")
