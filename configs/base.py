@@ -37,12 +37,12 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
   config.train = ml_collections.ConfigDict()
-  config.train.steps = 2100  # optimizer steps (about 8.6M training bytes)
+  config.train.steps = 1900  # optimizer steps (about 7.8M training bytes)
   config.train.batch_size = 16  # global batch, in sequences
   config.train.seq_len = 256  # bytes per training sequence (model input length)
   config.train.grad_accum = 1  # micro-batches per optimizer step (batch_size must divide evenly)
   config.train.log_every = 20
-  config.train.eval_every = 1050  # 0 disables periodic eval; a final eval always runs
+  config.train.eval_every = 950  # 0 disables periodic eval; a final eval always runs
   config.train.seed = 0
   # Matmul dtype (params, logits, loss and softmax stay f32). "auto" = bfloat16 on accelerators and on CPUs
   # with AMX, where it is faster, else float32 (runtime.auto_compute_dtype); config.json records the choice.
@@ -127,7 +127,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.compressor_max_bytes = 16 << 20  # gzip / xz on an even sample of this size of larger splits
 
   config.checkpoint = ml_collections.ConfigDict()
-  config.checkpoint.every = 1050  # save every K steps (and always at the end and on SIGTERM/SIGINT)
+  config.checkpoint.every = 950  # save every K steps (and always at the end and on SIGTERM/SIGINT)
   config.checkpoint.keep = 3  # keep the newest N checkpoints
   config.checkpoint.async_save = True
 
