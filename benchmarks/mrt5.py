@@ -51,8 +51,8 @@ from data import span_corruption
 import models
 from training import checkpoint
 from training import cli
-from training import host_allocator
 from training import evaluation
+from training import host_allocator
 from training import runtime
 from training.errors import ConfigError
 

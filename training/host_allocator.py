@@ -19,7 +19,7 @@ Measured on the default step: benchmarks/results/train_step_cpu_2core.md.
 import ctypes.util
 import os
 import sys
-from typing import Mapping
+from typing import Callable, Mapping
 
 ENV = "BYTELAB_HOST_ALLOCATOR"
 ACTIVE_ENV = "_BYTELAB_HOST_ALLOCATOR_ACTIVE"  # set in the re-executed process: no second exec, and a name to log
@@ -36,9 +36,11 @@ def find_tcmalloc() -> str | None:
   return None
 
 
-def exec_environment(environ: Mapping[str, str], tcmalloc: str | None,
+def exec_environment(environ: Mapping[str, str], locate_tcmalloc: Callable[[], str | None] = find_tcmalloc,
                      platform: str = sys.platform) -> dict[str, str] | None:
   """The environment to re-execute under, or None to keep this process as it is.
+
+  `locate_tcmalloc` (a linker lookup) runs only when the choice needs it, not in the re-executed process.
 
   Raises ValueError (one sentence) for an unknown BYTELAB_HOST_ALLOCATOR, or `tcmalloc` asked for but absent.
   """
@@ -51,10 +53,11 @@ def exec_environment(environ: Mapping[str, str], tcmalloc: str | None,
   if "tcmalloc" in preload:  # the user preloaded it already
     return None
   env = dict(environ)
+  tcmalloc = locate_tcmalloc() if choice in ("auto", "tcmalloc") else None
   if choice == "tcmalloc" and not tcmalloc:
     raise ValueError(f"{ENV}=tcmalloc, but no libtcmalloc is installed (Debian: apt install "
                      "libtcmalloc-minimal4).")
-  if choice in ("auto", "tcmalloc") and tcmalloc:
+  if tcmalloc:
     env["LD_PRELOAD"] = " ".join(part for part in (tcmalloc, preload) if part)
     env[ACTIVE_ENV] = f"tcmalloc ({tcmalloc})"
     return env
@@ -81,7 +84,7 @@ def reexec_if_needed() -> None:
   A bad BYTELAB_HOST_ALLOCATOR exits with one line on stderr, before any work is done.
   """
   try:
-    env = exec_environment(os.environ, find_tcmalloc())
+    env = exec_environment(os.environ)
   except ValueError as e:
     sys.exit(f"error: {e}")
   if env is None:

@@ -15,16 +15,17 @@ TCMALLOC = "libtcmalloc_minimal.so.4"
 
 
 def test_auto_preloads_tcmalloc_when_installed_keeping_the_users_preload():
-  env = ha.exec_environment({"LD_PRELOAD": "libfoo.so", "PATH": "/bin"}, tcmalloc=TCMALLOC, platform="linux")
+  env = ha.exec_environment({"LD_PRELOAD": "libfoo.so", "PATH": "/bin"}, locate_tcmalloc=lambda: TCMALLOC,
+                            platform="linux")
   assert env["LD_PRELOAD"] == f"{TCMALLOC} libfoo.so" and env["PATH"] == "/bin"
   assert env[ha.ACTIVE_ENV] == f"tcmalloc ({TCMALLOC})" and "GLIBC_TUNABLES" not in env
 
 
 def test_auto_falls_back_to_glibc_huge_pages_keeping_the_users_tunables():
-  env = ha.exec_environment({}, tcmalloc=None, platform="linux")
+  env = ha.exec_environment({}, locate_tcmalloc=lambda: None, platform="linux")
   assert env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1" and "LD_PRELOAD" not in env
-  env = ha.exec_environment({ha.ENV: "hugepages", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, tcmalloc=TCMALLOC,
-                            platform="linux")
+  env = ha.exec_environment({ha.ENV: "hugepages", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"},
+                            locate_tcmalloc=lambda: TCMALLOC, platform="linux")
   assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
   assert env[ha.ACTIVE_ENV] == "glibc malloc, transparent huge pages"
 
@@ -37,15 +38,15 @@ def test_auto_falls_back_to_glibc_huge_pages_keeping_the_users_tunables():
     ({}, "darwin"),  # neither mechanism exists there
 ])
 def test_keeps_the_process_as_it_is(environ, platform):
-  assert ha.exec_environment(environ, tcmalloc=TCMALLOC, platform=platform) is None
+  assert ha.exec_environment(environ, locate_tcmalloc=lambda: TCMALLOC, platform=platform) is None
 
 
 def test_bad_settings_are_one_sentence():
   with pytest.raises(ValueError, match=r"BYTELAB_HOST_ALLOCATOR='fast' is not one of auto, tcmalloc, hugepages, "
                                        r"system\."):
-    ha.exec_environment({ha.ENV: "fast"}, tcmalloc=TCMALLOC, platform="linux")
+    ha.exec_environment({ha.ENV: "fast"}, locate_tcmalloc=lambda: TCMALLOC, platform="linux")
   with pytest.raises(ValueError, match="no libtcmalloc is installed"):
-    ha.exec_environment({ha.ENV: "tcmalloc"}, tcmalloc=None, platform="linux")
+    ha.exec_environment({ha.ENV: "tcmalloc"}, locate_tcmalloc=lambda: None, platform="linux")
 
 
 # A 64 MB temporary (above glibc's largest mmap threshold, like the train step's 307 MB): the script
