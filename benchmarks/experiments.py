@@ -36,7 +36,8 @@ as long as the reused one) where the source experiment's run directories are gon
 
 An experiment with a `task` (mqar-recall) also runs `evaluate.py --tasks=<task>` on each finished run
 (output in eval.log; skipped when its eval/<task>_step<N>.json exists) and tabulates and plots that task's
-accuracy per x (e.g. the number of MQAR pairs) instead, mean and min - max over the seeds.
+accuracy per x (e.g. the number of MQAR pairs) instead, mean and min - max over the seeds. A `probe_task`
+(length-generalization: copy) is evaluated in the same call; its per-probe accuracies are table columns.
 """
 
 import argparse
@@ -78,6 +79,9 @@ class Experiment:
   task: str = ""  # e.g. "mqar" or "passkey"
   task_args: tuple[str, ...] = ()  # evaluate.py flags, e.g. "--passkey.lengths=1,2,4"
   x: str = ""  # the result rows' key on the x axis, e.g. "num_pairs"
+  # A second evaluate.py task run beside `task` whose result rows each name a "probe" (copy): every probe's
+  # accuracy becomes the row key "<probe_task>/<probe>", tabulated where `columns` lists it.
+  probe_task: str = ""
   # "module:function" called once all runs are trained, with their run directories, in one process (a
   # same-run measurement such as runtime): it returns {workdir: {column: value}} for the rows.
   measure: str = ""
@@ -160,7 +164,12 @@ EXPERIMENTS = {
         runs=_PASSKEY_RUNS,
         budget=("train.steps=2400", "train.seq_len=512", "train.batch_size=8", "data.passkey_fraction=1.0",
                 "train.eval_every=0", "checkpoint.every=2400", _BF16),
-        seeds=(0, 1), task="passkey", task_args=("--passkey.lengths=1,2,4,8,16",), x="length_x_train"),
+        seeds=(0, 1), task="passkey", task_args=("--passkey.lengths=1,2,4,8,16",), x="length_x_train",
+        # Does the model copy at all? The key where the key line repeats it, ~20 bytes on; the answer; a
+        # repeated random digit string (induction). Rows reused from before the probe show "-".
+        probe_task="copy",
+        columns=(("copy/passkey_repeat", "copy: key repeat", ".3f"), ("copy/passkey_answer", "copy: answer", ".3f"),
+                 ("copy/repeat_digits", "copy: random digits", ".3f"))),
     "mrt5-deletion": Experiment(
         description="ByT5 and MrT5 at target deletion rates 0.3 / 0.5 / 0.7, each continued for 300 steps from "
                     "one ByT5 trained for 1500 steps (the paper's recipe, spec §3.6), span corruption on the "
@@ -244,14 +253,19 @@ def task_result(workdir: str, task: str, steps: int) -> dict[str, Any] | None:
   return list(entries.values())[-1] if entries else None
 
 
-def evaluate_once(experiment: Experiment, run: Run, workdir: str) -> None:
-  """Runs evaluate.py --tasks=<task> on the run's latest checkpoint (output to workdir/eval.log)."""
+def missing_tasks(experiment: Experiment, workdir: str, steps: int) -> list[str]:
+  """The experiment's evaluate.py tasks (task, probe_task) without a result on the step-`steps` checkpoint."""
+  return [t for t in (experiment.task, experiment.probe_task) if t and task_result(workdir, t, steps) is None]
+
+
+def evaluate_once(experiment: Experiment, run: Run, workdir: str, tasks: list[str]) -> None:
+  """Runs evaluate.py --tasks=<tasks> on the run's latest checkpoint (output to workdir/eval.log)."""
   cmd = [sys.executable, os.path.join(REPO_ROOT, "evaluate.py"), f"--workdir={workdir}",
-         f"--tasks={experiment.task}", *experiment.task_args, *run.task_args]
+         f"--tasks={','.join(tasks)}", *experiment.task_args, *run.task_args]
   with open(os.path.join(workdir, "eval.log"), "a") as log:
     proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
   if proc.returncode != 0:
-    raise RuntimeError(f"evaluate.py --tasks={experiment.task} failed on {workdir} (exit {proc.returncode}); "
+    raise RuntimeError(f"evaluate.py --tasks={','.join(tasks)} failed on {workdir} (exit {proc.returncode}); "
                        f"see {os.path.join(workdir, 'eval.log')}.")
 
 
@@ -284,6 +298,9 @@ def collect(run: Run, seed: int, workdir: str, steps: int, experiment: Experimen
   if experiment is not None and experiment.task:
     rows = task_result(workdir, experiment.task, steps)["rows"]
     row["accuracy"] = {str(r[experiment.x]): r["accuracy"] for r in rows}
+  if experiment is not None and experiment.probe_task:
+    for r in task_result(workdir, experiment.probe_task, steps)["rows"]:
+      row[f"{experiment.probe_task}/{r['probe']}"] = r["accuracy"]
   return row
 
 
@@ -327,13 +344,15 @@ def _task_markdown(experiment: str, summary: list[dict[str, Any]]) -> str:
   xs = list(summary[0]["accuracy"])
   lines = [f"# {experiment}: {spec.description}", "",
            f"{spec.task} accuracy (mean over seeds, min - max) at each {spec.x}:", "",
-           "| run | seeds | " + " | ".join(f"{spec.x} {x}" for x in xs) + " | final valid bpb | params | wall |",
-           "| --- | --- | " + " | ".join("---" for _ in xs) + " | --- | --- | --- |"]
+           "| run | seeds | " + " | ".join(f"{spec.x} {x}" for x in xs) + " | final valid bpb | params | wall |"
+           + "".join(f" {header} |" for _, header, _ in spec.columns),
+           "| --- | --- | " + " | ".join("---" for _ in xs) + " | --- | --- | --- |" + " --- |" * len(spec.columns)]
   for s in summary:
     cells = [f"{m:.3f}" + (f" ({lo:.2f} - {hi:.2f})" if s["seeds"] > 1 else "")
              for m, lo, hi in (s["accuracy"][x] for x in xs)]
+    extra = "".join(f" {_fmt(s[key], fmt)} |" for key, _, fmt in spec.columns)
     lines.append(f"| {s['run']} | {s['seeds']} | " + " | ".join(cells) + f" | {s['valid_bpb']:.4f} | "
-                 f"{_fmt(s['params'] and s['params'] / 1e6, '.3f')}M | {_fmt(s['wall_s'], '.0f')} s |")
+                 f"{_fmt(s['params'] and s['params'] / 1e6, '.3f')}M | {_fmt(s['wall_s'], '.0f')} s |" + extra)
   return "\n".join(lines) + "\n"
 
 
@@ -536,9 +555,10 @@ def main(argv: list[str] | None = None) -> int:
           json.dump({"wall_s": wall, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
     else:
       print(f"[{i}/{len(plan)}] {run.name} seed {seed}: finished, skipped", flush=True)
-    if experiment.task and task_result(workdir, experiment.task, steps) is None:
-      print(f"    evaluate.py --tasks={experiment.task}", flush=True)
-      evaluate_once(experiment, run, workdir)
+    tasks = missing_tasks(experiment, workdir, steps)
+    if tasks:
+      print(f"    evaluate.py --tasks={','.join(tasks)}", flush=True)
+      evaluate_once(experiment, run, workdir, tasks)
     rows.append({**{k: 0.0 for k in experiment.zero_when_absent}, **collect(run, seed, workdir, steps, experiment),
                  "base": p["base"]})
     print(f"    valid bpb {rows[-1]['valid_bpb']:.4f}" + (

@@ -195,3 +195,31 @@ def test_reused_rows_are_tabulated_not_retrained_and_fix_a_wall_budget_s_steps(t
   plan = experiments._plan(wall, spacebyte, None, str(tmp_path / "lm-variants-wall"), None, reused)
   assert [(p["seed"], p["steps"]) for p in plan] == [(0, 346), (1, 346)]
   assert experiments.reused_row(reused, plan[0]) is reused[0] and experiments.reused_row(reused, plan[1]) is None
+
+
+def test_probe_task_is_evaluated_when_missing_and_its_accuracies_are_columns(tmp_path):
+  """length-generalization's copy probe: a run with only the passkey result still needs copy; once both exist,
+  the row holds copy/<probe> and the table a column per listed probe ("-" for a reused row without it)."""
+  import json
+  from benchmarks import experiments
+  experiment = experiments.EXPERIMENTS["length-generalization"]
+  run = experiment.runs[0]
+  workdir = tmp_path / "run"
+  (workdir / "eval").mkdir(parents=True)
+  (workdir / "config.json").write_text('{"train": {"batch_size": 8, "seq_len": 512, "compute_dtype": "bfloat16"}}')
+  (workdir / "metrics.jsonl").write_text('{"step": 3, "eval/bpb": 1.75}\n')
+  passkey = [{"length_x_train": x, "accuracy": 0.5 / x} for x in (1, 2, 4, 8, 16)]
+  (workdir / "eval" / "passkey_step3.json").write_text(json.dumps({"entries": {"a": {"rows": passkey}}}))
+  assert experiments.missing_tasks(experiment, str(workdir), 3) == ["copy"]
+  probes = [{"probe": p, "accuracy": a} for p, a in (("passkey_repeat", 1.0), ("passkey_answer", 0.25),
+                                                     ("repeat_digits", 0.125), ("repeat_letters", 0.0))]
+  (workdir / "eval" / "copy_step3.json").write_text(json.dumps({"entries": {"a": {"rows": probes}}}))
+  assert experiments.missing_tasks(experiment, str(workdir), 3) == []
+  row = experiments.collect(run, 0, str(workdir), 3, experiment)
+  assert row["copy/passkey_answer"] == 0.25 and row["accuracy"]["16"] == 0.5 / 16
+  older = {k: v for k, v in row.items() if not k.startswith("copy/")}
+  table = experiments.markdown("length-generalization",
+                               experiments.summarize([row, {**older, "run": "older"}], experiment))
+  assert "| copy: key repeat | copy: answer | copy: random digits |" in table
+  assert re.search(r"^\| softmax \| 1 \| 0\.500 .* \| 1\.000 \| 0\.250 \| 0\.125 \|$", table, flags=re.M), table
+  assert re.search(r"^\| older \| 1 \| .* \| - \| - \| - \|$", table, flags=re.M), table
