@@ -5,6 +5,7 @@ sequence; skips the runs already finished; writes one results table (JSON, CSV, 
     python -m benchmarks.experiments hierarchical --seeds=0,1 --out=experiments
     python -m benchmarks.experiments hierarchical --list              # the runs and their commands only
     python -m benchmarks.experiments hierarchical --steps=40          # a quick smoke budget
+    python -m benchmarks.experiments hierarchical --table_only        # the table of what is finished so far
     python -m benchmarks.experiments lm-variants                      # every mixer + hierarchical, 2 seeds
     python -m benchmarks.experiments lm-variants-wall                 # the same at one wall-time budget
     python -m benchmarks.experiments mqar-recall                      # MQAR accuracy vs pairs per mixer
@@ -195,6 +196,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--reuse", default=None, help="comma-separated results.json files of earlier sweeps of this "
                  "experiment: their rows are tabulated, not retrained")
   p.add_argument("--list", action="store_true", help="print the runs and their commands; train nothing")
+  p.add_argument("--table_only", action="store_true", help="tabulate the finished and reused runs (evaluating "
+                 "a finished one where its task result is missing); train nothing, leave the rest out")
   return p.parse_args(argv)
 
 
@@ -542,6 +545,9 @@ def main(argv: list[str] | None = None) -> int:
       print(f"[{i}/{len(plan)}] {run.name} seed {seed}: reused from an earlier results file", flush=True)
       rows.append({**earlier, "base": p["base"]})
       continue
+    if not finished and args.table_only:
+      print(f"[{i}/{len(plan)}] {run.name} seed {seed}: not trained, left out (--table_only)", flush=True)
+      continue
     if not finished:
       if p["init_from"] and not os.path.exists(os.path.join(p["init_from"], "checkpoints")):
         print(f"error: run {run.name} starts from {p['init_from']}, which is not trained; run the experiment "
@@ -563,8 +569,11 @@ def main(argv: list[str] | None = None) -> int:
                  "base": p["base"]})
     print(f"    valid bpb {rows[-1]['valid_bpb']:.4f}" + (
         f", {experiment.task} accuracy {rows[-1]['accuracy']}" if experiment.task else ""), flush=True)
+  if not rows:
+    print("error: no run is finished or reused, so there is no table.", file=sys.stderr)
+    return 1
   if experiment.measure:
-    _measure(experiment, plan, rows)
+    _measure(experiment, [p for p in plan if final_eval(p["workdir"], p["steps"]) is not None], rows)
   summary = summarize(rows, experiment)
   os.makedirs(root, exist_ok=True)  # every row may be reused
   with open(os.path.join(root, "results.json"), "w") as f:

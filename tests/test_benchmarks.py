@@ -223,3 +223,19 @@ def test_probe_task_is_evaluated_when_missing_and_its_accuracies_are_columns(tmp
   assert "| copy: key repeat | copy: answer | copy: random digits |" in table
   assert re.search(r"^\| softmax \| 1 \| 0\.500 .* \| 1\.000 \| 0\.250 \| 0\.125 \|$", table, flags=re.M), table
   assert re.search(r"^\| older \| 1 \| .* \| - \| - \| - \|$", table, flags=re.M), table
+
+
+def test_table_only_tabulates_reused_rows_and_trains_nothing(tmp_path, capsys):
+  import json
+  from benchmarks import experiments
+  row = {"run": "flat", "seed": 0, "config": "configs/base.py", "overrides": "", "steps": 2, "bytes_seen": 8192,
+         "valid_bpb": 3.5, "gzip_bpb": 1.85, "xz_bpb": 1.6, "train_flops_per_byte": 1e7, "train_flops": 8e10}
+  earlier = tmp_path / "earlier.json"
+  earlier.write_text(json.dumps({"experiment": "hierarchical", "rows": [row]}))
+  args = ["hierarchical", f"--out={tmp_path / 'out'}", "--runs=flat", "--steps=2", "--seeds=0,1", "--table_only"]
+  assert experiments.main(args) == 1  # nothing finished or reused: no table
+  assert "no run is finished or reused" in capsys.readouterr().err
+  assert experiments.main([*args, f"--reuse={earlier}"]) == 0
+  out = capsys.readouterr().out
+  assert "flat seed 1: not trained, left out" in out and "| flat | 1 | 3.5000" in out
+  assert not (tmp_path / "out" / "hierarchical" / "runs").exists()
