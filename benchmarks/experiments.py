@@ -11,6 +11,7 @@ sequence; skips the runs already finished; writes one results table (JSON, CSV, 
     python -m benchmarks.experiments mqar-recall                      # MQAR accuracy vs pairs per mixer
     python -m benchmarks.experiments length-generalization            # passkey accuracy at 1-16x training length
     python -m benchmarks.experiments mrt5-deletion                    # ByT5 vs MrT5 at 3 target deletion rates
+    python -m benchmarks.experiments mrt5-deletion-short-spans        # the same where the encoder matters
 
 Each run is `python train.py --config=<file> --workdir=<out>/<experiment>/runs/<run>_s<seed>
 --config.train.seed=<seed> <budget> <run overrides>` in a fresh process, its output in `train.log` beside
@@ -38,7 +39,8 @@ as long as the reused one) where the source experiment's run directories are gon
 An experiment with a `task` (mqar-recall) also runs `evaluate.py --tasks=<task>` on each finished run
 (output in eval.log; skipped when its eval/<task>_step<N>.json exists) and tabulates and plots that task's
 accuracy per x (e.g. the number of MQAR pairs) instead, mean and min - max over the seeds. A `probe_task`
-(length-generalization: copy) is evaluated in the same call; its per-probe accuracies are table columns.
+(length-generalization: copy; mrt5-deletion: encoder_ablation) is evaluated in the same call; its per-probe
+accuracies or its metrics are table columns.
 """
 
 import argparse
@@ -80,8 +82,9 @@ class Experiment:
   task: str = ""  # e.g. "mqar" or "passkey"
   task_args: tuple[str, ...] = ()  # evaluate.py flags, e.g. "--passkey.lengths=1,2,4"
   x: str = ""  # the result rows' key on the x axis, e.g. "num_pairs"
-  # A second evaluate.py task run beside `task` whose result rows each name a "probe" (copy): every probe's
-  # accuracy becomes the row key "<probe_task>/<probe>", tabulated where `columns` lists it.
+  # A second evaluate.py task run beside `task`: every probe's accuracy of its result rows (copy) becomes
+  # the row key "<probe_task>/<probe>", every number of its metrics (encoder_ablation) "<probe_task>/<name>",
+  # tabulated where `columns` lists it.
   probe_task: str = ""
   # "module:function" called once all runs are trained, with their run directories, in one process (a
   # same-run measurement such as runtime): it returns {workdir: {column: value}} for the rows.
@@ -136,6 +139,23 @@ _MRT5_RUNS = (
     *(Run(f"mrt5_{target}", "configs/mrt5.py", (f"model.byt5.delete_gate.target={target}", *_MRT5_CONTINUE),
           init_from="byt5_base") for target in ("0.3", "0.5", "0.7")))
 
+
+def _mrt5_experiment(description: str, data: tuple[str, ...]) -> Experiment:
+  """The ByT5 / MrT5 deletion sweep on span corruption with the data overrides `data`: bpb, deletion rate,
+  the bits the decoder loses when every input byte is blanked (evaluate.py --tasks=encoder_ablation) and the
+  runtime of the trained checkpoints."""
+  return Experiment(
+      description=description, runs=_MRT5_RUNS, budget=("train.eval_every=0", _BF16, *data), seeds=(0, 1),
+      measure="benchmarks.mrt5:trained_runtime", probe_task="encoder_ablation",
+      columns=(("eval/deletion_rate", "deletion rate (valid, hard)", ".3f"),
+               ("eval/soft_bpb", "soft-deletion bpb", ".4f"),
+               ("encoder_ablation/encoder_bits", "bits lost with blank inputs", ".3f"),
+               ("encoder_ms", "encoder ms", ".1f"), ("encoder_decrease", "encoder vs ByT5", ".1%"),
+               ("forward_ms", "forward ms", ".1f"), ("forward_decrease", "forward vs ByT5", ".1%")),
+      plots=(("eval/deletion_rate", "valid_bpb"), ("eval/deletion_rate", "encoder_ms"),
+             ("eval/deletion_rate", "forward_ms")), zero_when_absent=("eval/deletion_rate",))
+
+
 EXPERIMENTS = {
     "hierarchical": Experiment(
         description="Every hierarchical config and the flat byte Transformer at one training budget "
@@ -171,18 +191,17 @@ EXPERIMENTS = {
         probe_task="copy",
         columns=(("copy/passkey_repeat", "copy: key repeat", ".3f"), ("copy/passkey_answer", "copy: answer", ".3f"),
                  ("copy/repeat_digits", "copy: random digits", ".3f"))),
-    "mrt5-deletion": Experiment(
-        description="ByT5 and MrT5 at target deletion rates 0.3 / 0.5 / 0.7, each continued for 300 steps from "
-                    "one ByT5 trained for 1500 steps (the paper's recipe, spec §3.6), span corruption on the "
-                    "bundled corpus; runtime of the trained checkpoints on the same valid batches.",
-        runs=_MRT5_RUNS, budget=("train.eval_every=0", _BF16), seeds=(0, 1),
-        measure="benchmarks.mrt5:trained_runtime",
-        columns=(("eval/deletion_rate", "deletion rate (valid, hard)", ".3f"),
-                 ("eval/soft_bpb", "soft-deletion bpb", ".4f"),
-                 ("encoder_ms", "encoder ms", ".1f"), ("encoder_decrease", "encoder vs ByT5", ".1%"),
-                 ("forward_ms", "forward ms", ".1f"), ("forward_decrease", "forward vs ByT5", ".1%")),
-        plots=(("eval/deletion_rate", "valid_bpb"), ("eval/deletion_rate", "encoder_ms"),
-               ("eval/deletion_rate", "forward_ms")), zero_when_absent=("eval/deletion_rate",)),
+    "mrt5-deletion": _mrt5_experiment(
+        "ByT5 and MrT5 at target deletion rates 0.3 / 0.5 / 0.7, each continued for 300 steps from one ByT5 "
+        "trained for 1500 steps (the paper's recipe, spec §3.6), span corruption on the bundled corpus; runtime "
+        "of the trained checkpoints on the same valid batches.", ()),
+    # The control for mrt5-deletion's explanation (its small ByT5 hardly uses the encoder, so nothing resists
+    # deletion): T5's own mean span of 3 (14 spans per 256 input bytes instead of 2) leaves each target byte
+    # few target-side neighbours to be guessed from, so the decoder has to read the encoder.
+    "mrt5-deletion-short-spans": _mrt5_experiment(
+        "mrt5-deletion with span corruption's mean noise span at 3 bytes (T5's default) instead of ByT5's 20, "
+        "so that the targets depend on the encoder: does the PI controller then hold the target rate?",
+        ("data.span_corruption.mean_noise_span_length=3.0",)),
 }
 
 
@@ -302,8 +321,11 @@ def collect(run: Run, seed: int, workdir: str, steps: int, experiment: Experimen
     rows = task_result(workdir, experiment.task, steps)["rows"]
     row["accuracy"] = {str(r[experiment.x]): r["accuracy"] for r in rows}
   if experiment is not None and experiment.probe_task:
-    for r in task_result(workdir, experiment.probe_task, steps)["rows"]:
+    probed = task_result(workdir, experiment.probe_task, steps)
+    for r in probed.get("rows", ()):
       row[f"{experiment.probe_task}/{r['probe']}"] = r["accuracy"]
+    row.update({f"{experiment.probe_task}/{k}": v for k, v in probed.get("metrics", {}).items()
+                if isinstance(v, (int, float))})
   return row
 
 

@@ -153,3 +153,22 @@ def corrupt(raw_ids: np.ndarray, noise_mask: np.ndarray) -> tuple[np.ndarray, np
   """
   inputs, targets, _ = corrupt_with_sentinels(raw_ids, noise_mask)
   return inputs, targets
+
+
+def blank_inputs(inputs: np.ndarray, blank_id: int = byte_vocab.BYTE_OFFSET + ord(" ")) -> np.ndarray:
+  """inputs [b, L] with every byte id replaced by `blank_id` (a space); sentinels, EOS and PAD are kept.
+
+  What the decoder can still predict from such inputs (where the spans are, and nothing of their context)
+  measures how much it reads the encoder. Sentinels reuse byte ids (§2.2), so they are told apart by their
+  order: the k-th sentinel of a row is 258 - k. A text byte that equals the next sentinel's id (0xF1-0xFF
+  with up to 15 spans; 0xF5-0xFF never occur in UTF-8) is taken for it and kept.
+  """
+  inputs = np.asarray(inputs)
+  out = np.full_like(inputs, blank_id)
+  for row, ids in enumerate(inputs):
+    expected = SENTINEL_START
+    for j, token in enumerate(ids):
+      if token in (PAD_ID, EOS_ID) or token == expected:
+        out[row, j] = token
+        expected -= int(token == expected)
+  return out

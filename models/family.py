@@ -27,7 +27,8 @@ How the planned families fit without touching the loop:
     data/pipeline.py: {inputs [B, Ti], decoder_inputs [B, To], targets [B, To], weights}); `loss`
     runs encoder then decoder and adds MrT5's deletion regulariser as "aux_loss"; `generate` encodes the
     prompt once, keeps the encoder output and each layer's cross-attention K/V in the `cache` collection
-    and decodes from the start id; eval_tasks ("bpb", "generate"), where bpb counts the target bytes.
+    and decodes from the start id; eval_tasks ("bpb", "generate", "encoder_ablation"), where bpb counts
+    the target bytes.
   Hierarchical byte LM (models/hierarchical.py): batch_format "causal_lm", exactly the flat LM's batches;
     `module().apply(variables, ids [B, T]) -> logits [B, T, V]` with patch boundaries computed inside;
     `loss` adds the boundary predictor's loss as "aux_loss"; `generate` may re-run the forward per byte or

@@ -225,6 +225,26 @@ def test_probe_task_is_evaluated_when_missing_and_its_accuracies_are_columns(tmp
   assert re.search(r"^\| older \| 1 \| .* \| - \| - \| - \|$", table, flags=re.M), table
 
 
+def test_probe_task_metrics_are_columns(tmp_path):
+  """mrt5-deletion's encoder_ablation probe returns one metrics dict: its numbers become
+  encoder_ablation/<name> (the split's name, a string, does not)."""
+  import json
+  from benchmarks import experiments
+  experiment = experiments.EXPERIMENTS["mrt5-deletion-short-spans"]
+  workdir = tmp_path / "run"
+  (workdir / "eval").mkdir(parents=True)
+  (workdir / "config.json").write_text('{"train": {"batch_size": 8, "seq_len": 256, "compute_dtype": "bfloat16"}}')
+  (workdir / "metrics.jsonl").write_text('{"step": 3, "eval/bpb": 1.5, "eval/deletion_rate": 0.5}\n')
+  assert experiments.missing_tasks(experiment, str(workdir), 3) == ["encoder_ablation"]
+  metrics = {"split": "valid", "bpb": 1.5, "blank_inputs_bpb": 2.25, "encoder_bits": 0.75, "bytes": 10}
+  (workdir / "eval" / "encoder_ablation_step3.json").write_text(
+      json.dumps({"entries": {"a": {"metrics": metrics}}}))
+  row = experiments.collect(experiment.runs[2], 0, str(workdir), 3, experiment)
+  assert row["encoder_ablation/encoder_bits"] == 0.75 and "encoder_ablation/split" not in row
+  table = experiments.markdown("mrt5-deletion-short-spans", experiments.summarize([row], experiment))
+  assert "bits lost with blank inputs" in table and "| 0.750 |" in table, table
+
+
 def test_table_only_tabulates_reused_rows_and_trains_nothing(tmp_path, capsys):
   import json
   from benchmarks import experiments

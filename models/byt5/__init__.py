@@ -71,7 +71,7 @@ class ByT5Family(ModelFamily):
   """
 
   batch_format = "span_corruption"
-  eval_tasks = ("bpb", "generate")
+  eval_tasks = ("bpb", "generate", "encoder_ablation")
   count_keys = ("special_nll", "special_weight", "deleted", "gated", "gate_sum", "soft_nll", "scores",
                 "scores_count")
 

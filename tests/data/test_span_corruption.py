@@ -170,6 +170,26 @@ def test_corrupt_round_trip():
       np.testing.assert_array_equal(_reassemble(inputs, targets), raw)
 
 
+def test_blank_inputs_keeps_sentinels_in_order_eos_and_pad():
+  space = byte_vocab.BYTE_OFFSET + ord(" ")
+  inputs = np.array([[3 + 97, 258, 3 + 98, 257, 1, 0],
+                     [257, 3 + 99, 258, 3 + 100, 257, 1]])  # row 2: a 257 before 258 is a text byte
+  np.testing.assert_array_equal(sc.blank_inputs(inputs), [[space, 258, space, 257, 1, 0],
+                                                          [space, space, 258, space, 257, 1]])
+  assert sc.blank_inputs(inputs, blank_id=7)[0, 0] == 7
+
+
+def test_blank_inputs_of_corrupted_rows():
+  rng = np.random.default_rng(2)
+  raw = rng.integers(3, 200, 300).astype(np.int32)
+  mask = sc.random_spans_noise_mask(300, *sc.span_counts(300, 0.15, 3.0), rng)
+  inputs, _ = sc.corrupt(raw, mask)
+  padded = np.pad(inputs, (0, 5))[None]
+  kept = padded >= 200
+  kept[0, len(inputs) - 1:] = True  # EOS, then PAD
+  np.testing.assert_array_equal(sc.blank_inputs(padded), np.where(kept, padded, byte_vocab.BYTE_OFFSET + 32))
+
+
 def test_corrupt_bad_shapes():
   with pytest.raises(corpora.DataError, match="same 1-D shape"):
     sc.corrupt(np.arange(5), np.zeros(4, bool))

@@ -1,5 +1,6 @@
 """ByT5 / MrT5 through the unchanged train.py / evaluate.py: span corruption, exact resume with the PI
-controller's state, deletion-rate control, bits per target byte and encoder-decoder generation."""
+controller's state, deletion-rate control, bits per target byte, the blank-input encoder ablation and
+encoder-decoder generation."""
 
 import json
 import os
@@ -100,12 +101,25 @@ def byt5_run(tmp_path_factory):
 def test_byt5_trains_and_evaluates_bits_per_target_byte_and_generates(byt5_run):
   _run("evaluate", f"--workdir={byt5_run}", "--tasks=bpb,generate", "--prompt=def main(",
        "--generate.max_new_bytes=6")
-  with open(os.path.join(byt5_run, "eval", "bpb_step4.json")) as f:
-    bpb = next(iter(json.load(f)["entries"].values()))["metrics"]
+  bpb = _eval_metrics(byt5_run, "bpb", 4)
   assert bpb["bpb"] > 0 and bpb["bytes"] > 0 and bpb["special_targets"] > 0
-  with open(os.path.join(byt5_run, "eval", "generate_step4.json")) as f:
-    gen = next(iter(json.load(f)["entries"].values()))["metrics"]
+  gen = _eval_metrics(byt5_run, "generate", 4)
   assert gen["prompt"] == "def main(" and isinstance(gen["completion"], str)
+
+
+def _eval_metrics(workdir, task, step):
+  with open(os.path.join(workdir, "eval", f"{task}_step{step}.json")) as f:
+    return next(iter(json.load(f)["entries"].values()))["metrics"]
+
+
+def test_encoder_ablation_scores_the_same_bytes_with_blank_inputs(mrt5_run):
+  """--tasks=encoder_ablation: bpb as given (the bpb task's, on the same whole split) and with every input
+  byte blanked; encoder_bits is their difference."""
+  _run("evaluate", f"--workdir={mrt5_run}", "--tasks=bpb,encoder_ablation", "--eval.max_batches=3")
+  given, ablation = _eval_metrics(mrt5_run, "bpb", 12), _eval_metrics(mrt5_run, "encoder_ablation", 12)
+  assert ablation["bpb"] == pytest.approx(given["bpb"], rel=1e-6) and ablation["bytes"] == given["bytes"]
+  assert np.isfinite(ablation["blank_inputs_bpb"]) and ablation["blank_inputs_bpb"] != ablation["bpb"]
+  assert ablation["encoder_bits"] == pytest.approx(ablation["blank_inputs_bpb"] - ablation["bpb"])
 
 
 @pytest.mark.parametrize("args, expected", [

@@ -71,4 +71,5 @@ def task_names() -> list[str]:
   return sorted(_TASKS)
 
 
-from training.tasks import bpb, copy_probes, generate, mqar, passkey  # noqa: E402,F401  (registration)
+# Imported for their registration.
+from training.tasks import bpb, copy_probes, encoder_ablation, generate, mqar, passkey  # noqa: E402,F401

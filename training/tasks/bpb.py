@@ -30,11 +30,12 @@ from training.tasks import EvalContext, register_task
 def evaluate_bpb(eval_fn: Any, params: Any, config: Any, mesh: Any, *, batch_format: str,
                  summarize: Any = None,
                  data_config: Any = None, split: str | None = None, max_batches: int | None = None,
-                 show_progress: bool = False) -> dict[str, Any]:
+                 show_progress: bool = False, prepare: Any = None) -> dict[str, Any]:
   """{"bpb", "loss" (nats), "bytes", "gzip_bpb", "xz_bpb", "sample"} of one split.
 
   `eval_fn(params, global_batch)` returns the family's metric sums; they are added on the device and read
-  once at the end, so the host never waits per batch.
+  once at the end, so the host never waits per batch. `prepare(batch) -> batch`, if given, changes each
+  host batch first (an ablation such as encoder_ablation's blank inputs); the scored bytes stay the same.
   """
   data_config = data_config or config.data
   split = split or config.eval.split
@@ -48,6 +49,7 @@ def evaluate_bpb(eval_fn: Any, params: Any, config: Any, mesh: Any, *, batch_for
                             enabled=show_progress and jax.process_index() == 0) as bar:
     sums = None
     for batch in pipeline.eval_batches(data_config, split, batch_format=batch_format, **window):
+      batch = prepare(batch) if prepare is not None else batch
       out = eval_fn(params, sharding.global_batch(sharding.process_rows(batch), mesh))
       sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
       bar.update(int(batch["weights"].sum()))
