@@ -202,8 +202,8 @@ def test_evaluate_unknown_task_is_a_clear_error(workdir, evaluate, capsys):
       os.path.join(workdir, "eval")) else []
   assert evaluate.main(["evaluate.py", f"--workdir={workdir}", "--tasks=nosuch"]) == 1
   captured = capsys.readouterr()
-  assert captured.err.strip() == ("error: unknown evaluation task 'nosuch'; available: bpb, copy, generate, mqar, "
-                                  "passkey.")
+  assert captured.err.strip() == ("error: unknown evaluation task 'nosuch'; available: bpb, copy, encoder_ablation, "
+                                  "generate, mqar, passkey.")
   assert "Traceback" not in captured.err
   after = sorted(os.listdir(os.path.join(workdir, "eval"))) if os.path.isdir(
       os.path.join(workdir, "eval")) else []
