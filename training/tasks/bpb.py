@@ -93,11 +93,16 @@ def data_key(config: Any, split: str) -> str:
   return f"{source}:{split}{sample}"
 
 
+def jitted_eval_step(ctx: EvalContext) -> Any:
+  """The family's eval step for `evaluate_bpb`, compiled with the batch sharded over ctx.mesh."""
+  return jax.jit(lambda p, b: ts.eval_step(p, b, family=ctx.family),
+                 in_shardings=(None, sharding.batch_sharding(ctx.mesh)))
+
+
 @register_task("bpb")
 def bpb_task(ctx: EvalContext) -> dict:
   config = ctx.config
-  eval_fn = jax.jit(lambda p, b: ts.eval_step(p, b, family=ctx.family),
-                    in_shardings=(None, sharding.batch_sharding(ctx.mesh)))
+  eval_fn = jitted_eval_step(ctx)
   split = ctx.options.get("split") or config.eval.split
   result = evaluate_bpb(eval_fn, ctx.params, config, ctx.mesh, batch_format=ctx.family.batch_format,
                         split=split, show_progress=ctx.progress, summarize=ctx.family.summarize)

@@ -9,26 +9,20 @@ EOS and padding stay, so the decoder still sees where the spans are, and nothing
 themselves, so deleting encoder positions (MrT5, spec §3) costs little whatever the gate does.
 """
 
-import jax
-import numpy as np
-
 from data import span_corruption
-from training import sharding
-from training import train_step as ts
 from training.tasks import EvalContext, register_task
 from training.tasks import bpb
 
 
 def _blanked(batch: dict) -> dict:
-  return {**batch, "inputs": span_corruption.blank_inputs(np.asarray(batch["inputs"]))}
+  return {**batch, "inputs": span_corruption.blank_inputs(batch["inputs"])}
 
 
 @register_task("encoder_ablation")
 def encoder_ablation_task(ctx: EvalContext) -> dict:
   """Only encoder-decoder families list it (their batches' "inputs" are span-corrupted encoder ids)."""
   family, config = ctx.family, ctx.config
-  eval_fn = jax.jit(lambda p, b: ts.eval_step(p, b, family=family),
-                    in_shardings=(None, sharding.batch_sharding(ctx.mesh)))
+  eval_fn = bpb.jitted_eval_step(ctx)
   split = ctx.options.get("split") or config.eval.split
   common = dict(batch_format=family.batch_format, split=split, show_progress=ctx.progress)
   given = bpb.evaluate_bpb(eval_fn, ctx.params, config, ctx.mesh, **common)
