@@ -201,7 +201,7 @@ def test_probe_task_is_evaluated_when_missing_and_its_accuracies_are_columns(tmp
   """length-generalization's copy probe: a run with only the passkey result still needs copy; once both exist,
   the row holds copy/<probe> and the table a column per listed probe ("-" for a reused row without it)."""
   import json
-  from benchmarks import experiments
+  from benchmarks import experiment_report, experiments
   experiment = experiments.EXPERIMENTS["length-generalization"]
   run = experiment.runs[0]
   workdir = tmp_path / "run"
@@ -218,8 +218,8 @@ def test_probe_task_is_evaluated_when_missing_and_its_accuracies_are_columns(tmp
   row = experiments.collect(run, 0, str(workdir), 3, experiment)
   assert row["copy/passkey_answer"] == 0.25 and row["accuracy"]["16"] == 0.5 / 16
   older = {k: v for k, v in row.items() if not k.startswith("copy/")}
-  table = experiments.markdown("length-generalization",
-                               experiments.summarize([row, {**older, "run": "older"}], experiment))
+  table = experiment_report.markdown("length-generalization", experiment,
+                                     experiment_report.summarize([row, {**older, "run": "older"}], experiment))
   assert "| copy: key repeat | copy: answer | copy: random digits |" in table
   assert re.search(r"^\| softmax \| 1 \| 0\.500 .* \| 1\.000 \| 0\.250 \| 0\.125 \|$", table, flags=re.M), table
   assert re.search(r"^\| older \| 1 \| .* \| - \| - \| - \|$", table, flags=re.M), table
@@ -229,7 +229,7 @@ def test_probe_task_metrics_are_columns(tmp_path):
   """mrt5-deletion's encoder_ablation probe returns one metrics dict: its numbers become
   encoder_ablation/<name> (the split's name, a string, does not)."""
   import json
-  from benchmarks import experiments
+  from benchmarks import experiment_report, experiments
   experiment = experiments.EXPERIMENTS["mrt5-deletion-short-spans"]
   workdir = tmp_path / "run"
   (workdir / "eval").mkdir(parents=True)
@@ -241,7 +241,8 @@ def test_probe_task_metrics_are_columns(tmp_path):
       json.dumps({"entries": {"a": {"metrics": metrics}}}))
   row = experiments.collect(experiment.runs[2], 0, str(workdir), 3, experiment)
   assert row["encoder_ablation/encoder_bits"] == 0.75 and "encoder_ablation/split" not in row
-  table = experiments.markdown("mrt5-deletion-short-spans", experiments.summarize([row], experiment))
+  table = experiment_report.markdown("mrt5-deletion-short-spans", experiment,
+                                     experiment_report.summarize([row], experiment))
   assert "bits lost with blank inputs" in table and "| 0.750 |" in table, table
 
 
